@@ -1,0 +1,122 @@
+"""The model zoo: every configuration in the book by name.
+
+    from minilib import zoo
+    zoo.names()                                   # what is there
+    model = zoo.build("tiny-denoiser-adaln-zero")  # a small model, ready to train
+    with torch.device("meta"):                    # a full-size tree, no memory for weights
+        big = zoo.build("dit-xl-2")
+
+Each entry names its builder as ``"module:callable"`` and is imported only when
+built, so ``import minilib.zoo`` stays instant. Later chapters add their small
+and full-size configurations to ``ENTRIES``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One named configuration.
+
+    Attributes:
+        name: the zoo name, e.g. ``"var-d16"``.
+        builder: ``"minilib.module:Callable"`` that returns an ``nn.Module``.
+        config: keyword arguments for the builder.
+        paper: link to the paper the configuration comes from.
+        description: one line for tables.
+        reference: file name in the official module-tree references, if any.
+    """
+
+    name: str
+    builder: str
+    config: dict = field(default_factory=dict)
+    paper: str = ""
+    description: str = ""
+    reference: str | None = None
+
+    def resolve_builder(self):
+        module_name, _, attr = self.builder.partition(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+
+DIT_PAPER = "https://arxiv.org/abs/2212.09748"
+
+ENTRIES: dict[str, ZooEntry] = {}
+
+
+def register(entry: ZooEntry) -> ZooEntry:
+    """Add an entry; a name can only be registered once."""
+    if entry.name in ENTRIES:
+        raise ValueError(f"zoo entry {entry.name!r} is already registered")
+    ENTRIES[entry.name] = entry
+    return entry
+
+
+register(ZooEntry(
+    "tiny-denoiser-adaln-zero", "minilib.adaln:TinyDenoiser",
+    dict(image_size=16, patch_size=4, in_channels=1, hidden_size=96, depth=4, num_heads=4,
+         num_classes=10, conditioning="adaln_zero"),
+    DIT_PAPER, "Chapter 3: small DiT-style denoiser conditioned by adaLN-Zero"))
+register(ZooEntry(
+    "tiny-denoiser-in-context", "minilib.adaln:TinyDenoiser",
+    dict(image_size=16, patch_size=4, in_channels=1, hidden_size=96, depth=4, num_heads=4,
+         num_classes=10, conditioning="in_context"),
+    DIT_PAPER, "Chapter 3: the same denoiser, conditioned by two extra tokens"))
+
+
+def names() -> list[str]:
+    """All registered names, sorted."""
+    return sorted(ENTRIES)
+
+
+def get(name: str) -> ZooEntry:
+    """The entry for ``name``; an unknown name lists the closest known ones."""
+    if name not in ENTRIES:
+        close = difflib.get_close_matches(name, ENTRIES, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise KeyError(f"no zoo entry named {name!r}.{hint} Known: {', '.join(names())}")
+    return ENTRIES[name]
+
+
+def build(name: str, device: torch.device | str | None = None, **overrides) -> nn.Module:
+    """Build a named model, with any config value overridden by keyword.
+
+    ``device="meta"`` (or building inside ``with torch.device("meta"):``) makes
+    the module tree with shapes but no memory: instant even for billions of
+    parameters, and enough to count parameters and list state-dict keys.
+    """
+    entry = get(name)
+    builder = entry.resolve_builder()
+    accepted = set(inspect.signature(builder).parameters)
+    unknown = set(overrides) - accepted
+    if unknown:
+        raise TypeError(f"zoo.build({name!r}): unknown setting(s) {sorted(unknown)}; "
+                        f"{entry.builder} accepts {sorted(accepted)}")
+    config = {**entry.config, **overrides}
+    if device is None:
+        return builder(**config)
+    with torch.device(device):
+        return builder(**config)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (buffers excluded)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def summary_table() -> list[dict]:
+    """One row per entry: name, parameter count (built on meta), description, paper."""
+    rows = []
+    for name in names():
+        entry = ENTRIES[name]
+        rows.append(dict(name=name, params=count_parameters(build(name, device="meta")),
+                         description=entry.description, paper=entry.paper))
+    return rows
