@@ -1,0 +1,143 @@
+"""The book's two commands (standard library only, any Python >= 3.10).
+
+    python3 tools/make.py test [PYTEST ARGS]   # tests + every notebook, budget "ci"
+    python3 tools/make.py book [--budget B]    # execute notebooks, build _build/html
+    python3 tools/make.py check-site           # open the built site in headless Chromium
+
+Both ``test`` and ``book`` first create (or reuse) the virtual environment
+``.venv`` with the pinned ``requirements.txt`` and ``minilib`` installed in
+editable mode. It is reinstalled when ``requirements.txt`` or ``pyproject.toml``
+change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv"
+VENV_BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+VENV_STAMP = VENV / "minilib-install.sha256"  # hash of what was installed
+NPM_STAMP = ROOT / "node_modules" / "minilib-install.sha256"
+
+
+def step(message: str) -> None:
+    print(f"\n==> {message}", flush=True)
+
+
+def run(cmd: list, env: dict | None = None) -> int:
+    """Run a command in the repository root and return its exit code."""
+    print("$ " + " ".join(str(c) for c in cmd), flush=True)
+    return subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env).returncode
+
+
+def check(cmd: list) -> None:
+    if run(cmd) != 0:
+        sys.exit(f"command failed: {' '.join(str(c) for c in cmd)}")
+
+
+def files_hash(*names: str) -> str:
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update((ROOT / name).read_bytes())
+    return digest.hexdigest()
+
+
+def ensure_venv() -> None:
+    """Create .venv and install the pinned requirements and minilib, if needed."""
+    wanted = files_hash("requirements.txt", "pyproject.toml")
+    if VENV_STAMP.exists() and VENV_STAMP.read_text() == wanted:
+        step(f"reusing {VENV.name} (requirements unchanged)")
+        return
+    if not (VENV_BIN / "python").exists() and not (VENV_BIN / "python.exe").exists():
+        step(f"creating {VENV.name} with Python {sys.version.split()[0]}")
+        check([sys.executable, "-m", "venv", VENV])
+    step("installing requirements (about 1-2 minutes the first time)")
+    pip = [VENV_BIN / "python", "-m", "pip", "--disable-pip-version-check"]
+    check(pip + ["install", "--quiet", "-r", "requirements.txt"])
+    step("installing minilib in editable mode")
+    check(pip + ["install", "--quiet", "--no-deps", "-e", "."])
+    VENV_STAMP.write_text(wanted)
+
+
+def venv_env(**variables: str) -> dict:
+    """os.environ with .venv activated and the given variables set."""
+    env = dict(os.environ, VIRTUAL_ENV=str(VENV), **variables)
+    env["PATH"] = str(VENV_BIN) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def ensure_offline_assets() -> None:
+    """``npm ci`` the offline MathJax and widget scripts (see tools/book_ext.py)."""
+    npm = shutil.which("npm")
+    if npm is None:
+        step("WARNING: npm not found, so the offline MathJax and widget scripts cannot be "
+             "installed: the pages will load them from a CDN and need a network connection")
+        return
+    wanted = files_hash("package-lock.json")
+    if NPM_STAMP.exists() and NPM_STAMP.read_text() == wanted:
+        step("reusing node_modules (package-lock.json unchanged)")
+        return
+    step("installing offline MathJax and ipywidgets scripts with npm")
+    check([npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund"])
+    NPM_STAMP.write_text(wanted)
+
+
+def cmd_test(pytest_args: list[str]) -> int:
+    ensure_venv()
+    step("running the tests and the notebooks with MINILIB_BUDGET=ci")
+    env = venv_env(MINILIB_BUDGET="ci", OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    return run([VENV_BIN / "python", "-m", "pytest", "-n", "2", "--dist", "loadfile",
+                "--nbval-lax", "tests", "notebooks", *pytest_args], env=env)
+
+
+def cmd_book(budget: str) -> int:
+    ensure_venv()
+    ensure_offline_assets()
+    step(f"building the book with MINILIB_BUDGET={budget} "
+         "(notebooks that changed since the last build are executed)")
+    env = venv_env(MINILIB_BUDGET=budget)
+    env.pop("MPLBACKEND", None)  # figures must use the notebook's inline backend
+    # -W -n: warnings and broken references fail the build; --keep-going lists them all.
+    code = run([VENV_BIN / "jupyter-book", "build", ".", "-W", "-n", "--keep-going"], env=env)
+    if code == 0:
+        step(f"the book is at {ROOT / '_build' / 'html' / 'index.html'}")
+    return code
+
+
+def cmd_check_site(args: list[str]) -> int:
+    return run([sys.executable, ROOT / "tools" / "check_site.py", *args])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    test = commands.add_parser("test", help="run tests/ and notebooks/ under nbval (budget ci)")
+    test.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed on to pytest")
+    book = commands.add_parser("book", help="execute the notebooks and build _build/html")
+    book.add_argument("--budget", choices=["ci", "cpu", "gpu"], default="cpu")
+    site = commands.add_parser("check-site", help="check _build/html in headless Chromium")
+    site.add_argument("site_args", nargs=argparse.REMAINDER, help="passed on to check_site.py")
+    args = parser.parse_args()
+
+    start = time.monotonic()
+    if args.command == "test":
+        code = cmd_test(args.pytest_args)
+    elif args.command == "book":
+        code = cmd_book(args.budget)
+    else:
+        code = cmd_check_site(args.site_args)
+    minutes, seconds = divmod(round(time.monotonic() - start), 60)
+    step(f"{args.command} {'passed' if code == 0 else 'FAILED'} in {minutes} min {seconds} s")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
