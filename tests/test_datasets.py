@@ -1,7 +1,10 @@
 """Tests for minilib.datasets: shapes, digits, the MNIST/CIFAR readers and batching."""
 
 import gzip
+import hashlib
+import io
 import struct
+import tarfile
 import urllib.error
 
 import numpy as np
@@ -273,3 +276,37 @@ def test_cifar10_bad_and_missing_files(tmp_path):
     (tmp_path / "test_batch.bin").write_bytes(b"\x00" * 100)
     with pytest.raises(ValueError, match="3073-byte record"):
         load_cifar10(tmp_path, train=False)
+
+
+class FakeResponse(io.BytesIO):
+    """Stands in for urlopen's answer, so the download path runs without a network."""
+
+    def __init__(self, payload):
+        super().__init__(payload)
+        self.headers = {"Content-Length": str(len(payload))}
+
+
+def test_cifar10_download_extracts_only_the_batches(tmp_path, monkeypatch):
+    source = tmp_path / "source"
+    write_cifar_batch(source / "cifar-10-batches-bin" / "test_batch.bin", 3, seed=0)
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        tar.add(source / "cifar-10-batches-bin", arcname="cifar-10-batches-bin")
+        evil = tarfile.TarInfo("../evil.txt")
+        tar.addfile(evil, io.BytesIO(b""))
+    payload = archive.getvalue()
+    monkeypatch.setattr(D, "CIFAR10_MD5", hashlib.md5(payload).hexdigest())
+    monkeypatch.setattr(D.urllib.request, "urlopen", lambda url, timeout: FakeResponse(payload))
+
+    root = tmp_path / "data"
+    test = load_cifar10(root, train=False, download=True)
+    assert len(test) == 3
+    assert (root / "cifar-10-batches-bin" / "test_batch.bin").is_file()
+    assert not (tmp_path / "evil.txt").exists() and not (root / "cifar-10-binary.tar.gz").exists()
+
+
+def test_download_checks_the_md5(tmp_path, monkeypatch):
+    monkeypatch.setattr(D.urllib.request, "urlopen", lambda url, timeout: FakeResponse(b"junk"))
+    with pytest.raises(D.DownloadError, match="MD5"):
+        load_mnist(tmp_path, download=True)
+    assert not list(tmp_path.iterdir())
