@@ -203,11 +203,17 @@ def _square_sdf(x, y, size):
 
 
 def _triangle_sdf(x, y, size):
-    """Equilateral triangle pointing up, centred on its bounding box."""
+    """Equilateral triangle pointing up, centred on its bounding box.
+
+    In a frame with ``up`` pointing up and the origin at the triangle's centroid,
+    the three edges lie at distance ``inradius`` along the outward normals
+    (0, -1) and (+-sqrt(3)/2, 1/2). The apex is at ``up = 2 * inradius`` and the
+    base at ``-inradius``, so the bounding box is centred at ``up = inradius / 2``.
+    """
     inradius = 0.6 * size
-    up = -y - inradius / 2             # y points down in images; centre the bounding box
-    base = -up - inradius                                   # edge with normal (0, -1)
-    sides = (math.sqrt(3) / 2) * x.abs() + up / 2 - inradius  # edges with normals (+-sqrt3/2, 1/2)
+    up = -y + inradius / 2                                    # y points down in images
+    base = -up - inradius
+    sides = (math.sqrt(3) / 2) * x.abs() + up / 2 - inradius
     return torch.maximum(base, sides)
 
 
@@ -396,26 +402,14 @@ class ShapesDataset(ImageDataset):
         offsets = jitter * (2 * torch.rand(num_images, 2, generator=generator) - 1)
 
         attributes = torch.stack([shape_ids, colour_ids, position_ids], dim=1)
-        images = _render_in_chunks(attributes.to(device), sizes.to(device), offsets.to(device),
-                                   image_size)
+        images = render_shapes(shape_ids.to(device), colour_ids.to(device),
+                               position_ids.to(device), sizes, image_size, offsets)
         captions = [caption(*row) for row in attributes.tolist()]
         super().__init__(images, labels_from_attributes(attributes, label).to(images.device),
                          class_names, captions, attributes.to(images.device), name="shapes")
         self.label_kind = label
         self.sizes = sizes.to(images.device)
         self.offsets = offsets.to(images.device)
-
-
-def _render_in_chunks(attributes, sizes, offsets, image_size, chunk=2048):
-    """render_shapes over slices of the batch: small temporaries stay in the CPU cache."""
-    n = attributes.shape[0]
-    images = torch.empty(n, 3, image_size, image_size, device=attributes.device)
-    for start in range(0, n, chunk):
-        part = slice(start, start + chunk)
-        shape_ids, colour_ids, position_ids = attributes[part].unbind(dim=1)
-        images[part] = render_shapes(shape_ids, colour_ids, position_ids, sizes[part],
-                                     image_size, offsets[part])
-    return images
 
 
 # Words of every caption, for the text-to-image chapter. 0 is padding.
