@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 VENV_BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+VENV_PYTHON = VENV_BIN / ("python.exe" if os.name == "nt" else "python")
 VENV_STAMP = VENV / "minilib-install.sha256"  # hash of what was installed
 NPM_STAMP = ROOT / "node_modules" / "minilib-install.sha256"
 
@@ -56,11 +57,11 @@ def ensure_venv() -> None:
     if VENV_STAMP.exists() and VENV_STAMP.read_text() == wanted:
         step(f"reusing {VENV.name} (requirements unchanged)")
         return
-    if not (VENV_BIN / "python").exists() and not (VENV_BIN / "python.exe").exists():
+    if not VENV_PYTHON.exists():
         step(f"creating {VENV.name} with Python {sys.version.split()[0]}")
         check([sys.executable, "-m", "venv", VENV])
     step("installing requirements (about 1-2 minutes the first time)")
-    pip = [VENV_BIN / "python", "-m", "pip", "--disable-pip-version-check"]
+    pip = [VENV_PYTHON, "-m", "pip", "--disable-pip-version-check"]
     check(pip + ["install", "--quiet", "-r", "requirements.txt"])
     step("installing minilib in editable mode")
     check(pip + ["install", "--quiet", "--no-deps", "-e", "."])
@@ -95,7 +96,7 @@ def cmd_test(pytest_args: list[str]) -> int:
     step("running the tests and the notebooks with MINILIB_BUDGET=ci")
     env = venv_env(MINILIB_BUDGET="ci", OMP_NUM_THREADS="1", MPLBACKEND="Agg")
     folders = [name for name in ("tests", "notebooks") if (ROOT / name).is_dir()]
-    return run([VENV_BIN / "python", "-m", "pytest", "-n", "2", "--dist", "loadfile",
+    return run([VENV_PYTHON, "-m", "pytest", "-n", "2", "--dist", "loadfile",
                 "--nbval-lax", *folders, *pytest_args], env=env)
 
 
