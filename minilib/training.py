@@ -64,14 +64,17 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """One step of ``ema = decay * ema + (1 - decay) * param``; buffers are copied."""
-        ema_state, live_state = self.model.state_dict(), model.state_dict()
-        if ema_state.keys() != live_state.keys():
+        # named_parameters/named_buffers, not state_dict: non-persistent buffers
+        # (fixed position embeddings, say) must be followed too.
+        ema_params, ema_buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
+        live_params, live_buffers = dict(model.named_parameters()), dict(model.named_buffers())
+        if ema_params.keys() != live_params.keys() or ema_buffers.keys() != live_buffers.keys():
             raise ValueError("EMA.update got a model with different parameters than the one "
                              "the EMA was made from")
-        for name, param in model.named_parameters():
-            ema_state[name].mul_(self.decay).add_(param.detach(), alpha=1 - self.decay)
-        for name, buffer in model.named_buffers():
-            ema_state[name].copy_(buffer)
+        for name, param in live_params.items():
+            ema_params[name].mul_(self.decay).add_(param.detach(), alpha=1 - self.decay)
+        for name, buffer in live_buffers.items():
+            ema_buffers[name].copy_(buffer)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

@@ -56,6 +56,15 @@ def test_ema_one_update_is_the_weighted_mean():
     assert torch.equal(target.weight, ema.model.weight)
 
 
+def test_ema_follows_non_persistent_buffers():
+    model = nn.Linear(3, 2)
+    model.register_buffer("positions", torch.zeros(4), persistent=False)
+    ema = EMA(model, decay=0.5)
+    model.positions += 1.0
+    ema.update(model)
+    assert torch.equal(ema.model.positions, torch.ones(4))
+
+
 def test_ema_rejects_bad_decay():
     with pytest.raises(ValueError, match=r"decay must be in \[0, 1\)"):
         EMA(nn.Linear(2, 2), decay=1.0)
