@@ -73,7 +73,11 @@ class Server:
             def log_message(self, *args):  # keep the table readable
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(site)))
+        class QuietServer(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                pass  # Chromium drops connections it no longer needs (BrokenPipe); not a site error
+
+        self.httpd = QuietServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(site)))
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
