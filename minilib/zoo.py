@@ -72,6 +72,43 @@ register(ZooEntry(
     DIT_PAPER, "Chapter 3: the same denoiser, conditioned by two extra tokens"))
 
 
+# Chapter 4: latent autoencoders (LDM's KL autoencoder).
+LDM_PAPER, MAR_PAPER, SD3_PAPER = ("https://arxiv.org/abs/2112.10752", "https://arxiv.org/abs/2406.11838",
+                                   "https://arxiv.org/abs/2403.03206")
+register(ZooEntry(
+    "small-kl-vae", "minilib.autoencoder:AutoencoderKL",
+    dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, resolution=32),
+    LDM_PAPER, "Chapter 4: small KL autoencoder, 32x32 RGB to a 4x8x8 latent"))
+register(ZooEntry(
+    "mar-kl16-vae", "minilib.autoencoder:AutoencoderKL",
+    dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=16, resolution=256,
+         encoder_attn_resolutions=(16,), decoder_attn_resolutions=(), use_quant_conv=True, scale_factor=0.2325),
+    MAR_PAPER, "MAR's KL-16 VAE: 256x256 RGB to a 16x16x16 latent", reference="mar_kl16_vae.json"))
+register(ZooEntry(
+    "sd3-vae", "minilib.autoencoder:AutoencoderKL",
+    dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=16, resolution=256,
+         use_quant_conv=False, scale_factor=1.5305, shift_factor=0.0609),
+    SD3_PAPER, "SD3's VAE: 8x downsampling to 16 latent channels", reference="sd3_vae.json"))
+
+# Chapter 7: SD3's MM-DiT (joint attention over text and image tokens).
+register(ZooEntry(
+    "sd3-medium-mmdit", "minilib.mmdit:MMDiT",
+    dict(in_channels=16, hidden_size=1536, depth=24, num_heads=24, pos_embed_max_size=192, patch_size=2,
+         adm_in_channels=2048, context_dim=4096),
+    SD3_PAPER, "SD3 Medium's MM-DiT (2B)", reference="sd3_medium_mmditx.json"))
+register(ZooEntry(
+    "sd3.5-medium-mmdit", "minilib.mmdit:MMDiT",
+    dict(in_channels=16, hidden_size=1536, depth=24, num_heads=24, pos_embed_max_size=384, patch_size=2,
+         adm_in_channels=2048, context_dim=4096, qk_norm="rms", x_block_self_attn_layers=list(range(13))),
+    SD3_PAPER, "SD3.5 Medium's MMDiT-X (extra image self-attention in blocks 0-12)",
+    reference="sd35_medium_mmditx.json"))
+register(ZooEntry(
+    "sd3.5-large-mmdit", "minilib.mmdit:MMDiT",
+    dict(in_channels=16, hidden_size=2432, depth=38, num_heads=38, pos_embed_max_size=192, patch_size=2,
+         adm_in_channels=2048, context_dim=4096, qk_norm="rms"),
+    SD3_PAPER, "SD3.5 Large's MM-DiT (8B)", reference="sd35_large_mmditx.json"))
+
+
 def names() -> list[str]:
     """All registered names, sorted."""
     return sorted(ENTRIES)
