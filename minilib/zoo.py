@@ -72,6 +72,14 @@ register(ZooEntry(
     DIT_PAPER, "Chapter 3: the same denoiser, conditioned by two extra tokens"))
 
 
+# Chapter 5: the diffusion transformer at full size (256 px: 32x32x4 latents, learned sigma).
+for _name, _width, _depth, _heads in [("dit-s-2", 384, 12, 6), ("dit-b-2", 768, 12, 12), ("dit-xl-2", 1152, 28, 16)]:
+    register(ZooEntry(
+        _name, "minilib.dit:DiT",
+        dict(input_size=32, patch_size=2, hidden_size=_width, depth=_depth, num_heads=_heads),
+        DIT_PAPER, f"{_name.upper().replace('-2', '/2')}: 256 px (32x32x4 latents), learned sigma",
+        reference=_name.replace("-", "_") + ".json"))
+
 # Chapter 4: latent autoencoders (LDM's KL autoencoder).
 LDM_PAPER, MAR_PAPER, SD3_PAPER = ("https://arxiv.org/abs/2112.10752", "https://arxiv.org/abs/2406.11838",
                                    "https://arxiv.org/abs/2403.03206")
