@@ -170,8 +170,8 @@ def train_oracle(dataset: ImageDataset, steps: int = 300, batch_size: int = 128,
     """A new :class:`Oracle` for ``dataset``, trained by :func:`fit_oracle`.
 
     The held-out accuracy is in ``oracle.val_accuracy``. On one CPU core the
-    default 300 steps take about 7 s for the 16x16 digits (over 99% held-out
-    accuracy) and about 30 s for 32x32 shapes (100% for every label kind).
+    default 300 steps take about 17 s on one busy core for the 16x16 digits (over 99% held-out
+    accuracy) and about 37 s for 32x32 shapes (100% for every label kind).
     """
     torch.manual_seed(seed)     # the initial weights too, so a run is repeatable
     oracle = Oracle.for_dataset(dataset)
