@@ -35,7 +35,8 @@ def show_source(obj, *, lines: tuple[int, int] | None = None) -> SourceCode:
     """
     try:
         source = inspect.getsource(obj)
-        file = inspect.getsourcefile(obj) or "?"
+        # inspect.unwrap: a decorated function (e.g. @torch.no_grad()) reports the decorator's file.
+        file = inspect.getsourcefile(inspect.unwrap(obj) if callable(obj) else obj) or "?"
     except (TypeError, OSError) as error:
         raise TypeError(f"show_source needs a Python function, class, method or module; "
                         f"could not read the source of {obj!r} ({error})") from None
