@@ -1,0 +1,132 @@
+"""How long does each chapter take to run? Wall time and peak memory of every notebook in one budget.
+
+    python benchmarks/notebooks.py                          # all notebooks, budget ci (about 1 min each)
+    python benchmarks/notebooks.py --budget cpu --only 05,07 --json cpu.json
+
+Each notebook (``notebooks/NN_*.ipynb``) is executed from top to bottom with
+nbclient in a fresh ``python3`` kernel, as the book build does: with
+``MINILIB_BUDGET`` set to the budget, in the ``notebooks/`` folder, skipping the
+cells tagged ``skip-execution``. Nothing is written back to the notebooks.
+
+What is measured:
+
+- wall time: from starting the kernel to the end of the last cell (the kernel's
+  start, a second or two, included);
+- peak memory: the kernel process's resident set size high-water mark,
+  ``VmHWM`` in ``/proc/<pid>/status``, read after the last cell, while the kernel
+  still runs (Linux; elsewhere the column says n/a).
+
+The script inherits ``OMP_NUM_THREADS`` and the other variables from its own
+environment, so ``OMP_NUM_THREADS=1 python benchmarks/notebooks.py`` times the
+notebooks on one thread, as the tests run them. The load average (``uptime``) is
+printed with each row: other jobs on the machine make the times longer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import torch
+from nbclient import NotebookClient
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+BUDGETS = ("ci", "cpu", "gpu")
+
+
+def select_notebooks(only: str | None) -> list[Path]:
+    """``notebooks/NN_*.ipynb``, all of them or those whose number is in ``only`` ("05,07")."""
+    paths = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        wanted = {number.strip().zfill(2) for number in only.split(",")}
+        paths = [path for path in paths if path.name[:2] in wanted]
+        missing = wanted - {path.name[:2] for path in paths}
+        if missing:
+            raise SystemExit(f"no notebook numbered {', '.join(sorted(missing))} in {NOTEBOOKS}")
+    return paths
+
+
+def peak_rss_bytes(pid: int) -> int | None:
+    """The high-water mark of a process's resident set size (VmHWM), or None where /proc has none."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # the value is in kB
+    except OSError:
+        pass
+    return None
+
+
+def load_average() -> str:
+    """The 1-minute load average, as ``uptime`` prints it, or n/a."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except (AttributeError, OSError):
+        return "n/a"
+
+
+def run_notebook(path: Path, budget: str, timeout: int) -> dict:
+    """Execute one notebook in a fresh kernel; returns its wall time, peak memory and load."""
+    os.environ["MINILIB_BUDGET"] = budget  # the kernel inherits this process's environment
+    notebook = nbformat.read(path, as_version=4)
+    client = NotebookClient(notebook, kernel_name="python3", timeout=timeout,
+                            resources={"metadata": {"path": str(NOTEBOOKS)}})
+    load_before = load_average()
+    start = time.perf_counter()
+    with client.setup_kernel():
+        for index, cell in enumerate(notebook.cells):
+            client.execute_cell(cell, index)
+        peak = peak_rss_bytes(client.km.provisioner.pid)
+    seconds = time.perf_counter() - start
+    return dict(notebook=path.stem, budget=budget, seconds=round(seconds, 1), peak_rss_bytes=peak,
+                load_before=load_before, load_after=load_average())
+
+
+def describe_machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    threads = os.environ.get("OMP_NUM_THREADS", "unset (torch's default)")
+    return (f"{os.cpu_count()} CPU(s), {cpu}; torch {torch.__version__}; OMP_NUM_THREADS {threads}"
+            + (f"; {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--budget", choices=BUDGETS, default="ci")
+    parser.add_argument("--only", help="comma-separated notebook numbers, e.g. 05,07 (default: all)")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell")
+    parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    args = parser.parse_args()
+
+    print(f"budget {args.budget}; {describe_machine()}\n")
+    rows = []
+    for path in select_notebooks(args.only):
+        print(f"  running {path.name} ...", file=sys.stderr, flush=True)
+        rows.append(run_notebook(path, args.budget, args.timeout))
+        print(f"  {rows[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
+
+    print("| notebook | budget | wall time | peak memory (kernel RSS) | load before / after |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        peak = "n/a" if row["peak_rss_bytes"] is None else f"{row['peak_rss_bytes'] / 2**20:,.0f} MiB"
+        print(f"| {row['notebook']} | {row['budget']} | {row['seconds']:.0f} s | {peak} | "
+              f"{row['load_before']} / {row['load_after']} |")
+    print(f"\ntotal {sum(row['seconds'] for row in rows) / 60:.1f} min. Load: the 1-minute load average "
+          "before and after each notebook (the number of busy cores).")
+    if args.json:
+        args.json.write_text(json.dumps(dict(machine=describe_machine(), rows=rows), indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
