@@ -39,11 +39,13 @@ OFFLINE_FILES = {
 # Files in those folders that the pages never load.
 UNUSED = shutil.ignore_patterns("*.map", "embed.js*", "libembed-amd.js")
 
-# Loaded between require.js and embed-amd.js: RequireJS would look for the widget
-# manager's fonts next to each page; this points it at _static/offline/html-manager/.
+# Loaded between require.js and embed-amd.js. The widget manager finds its fonts
+# next to the module that asks for them (@jupyter-widgets/controls asks for the
+# icon font, for instance), and RequireJS would place those modules next to each
+# page; these paths put every @jupyter-widgets module in _static/offline/html-manager/.
 WIDGETS_CONFIG_JS = """\
-require.config({paths: {"@jupyter-widgets/html-manager/dist":
-  document.currentScript.src.replace(/[^/]*$/, "html-manager")}});
+var htmlManager = document.currentScript.src.replace(/[^/]*$/, "html-manager");
+require.config({paths: {"@jupyter-widgets/html-manager/dist": htmlManager, "@jupyter-widgets": htmlManager}});
 """
 
 

@@ -10,16 +10,23 @@ DOM after the page's scripts have run:
 - math:    MathJax typeset the page's math (``mjx-container`` elements);
 - figures: a notebook page shows at least one output image;
 - colab:   a notebook page has the "open in Colab" link for its notebook;
-- widgets: saved ipywidgets were rendered by the widget manager;
+- links:   every link to a page of the site leads to a file that exists, and
+           to an element with that id when it names one (``page.html#id``);
+- widgets: saved ipywidgets were rendered by the widget manager, and their
+           figure (the picture the widget showed when the notebook ran) is
+           visible inside them: a reader without a kernel still sees it;
 - offline: no script or stylesheet comes from a CDN, and no file was missing (404).
 
 It saves screenshots of the landing page and of the first chapter to
-``_build/screenshots/``, prints a table, and exits 1 if a check failed.
+``<site>/../screenshots/`` (``_build/screenshots/`` for the default site),
+prints a table, and exits 1 if a check failed. ``--site`` checks another build
+(the tests build one with the ``ci`` budget, see tests/test_site.py).
 Standard library only; needs ``chromium`` (Debian: ``apt-get install chromium``).
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import re
 import shutil
@@ -27,10 +34,11 @@ import subprocess
 import sys
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urljoin
+from urllib.parse import unquote, urljoin, urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from setup_cell import repository  # noqa: E402  (the repository url lives in _config.yml)
@@ -45,7 +53,8 @@ CHROMIUM_FLAGS = [
     "--virtual-time-budget=10000",  # let MathJax and the widget manager finish
     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",  # no network but ours
 ]
-CHECKS = ("exists", "math", "figures", "colab", "widgets", "offline")
+CHECKS = ("exists", "math", "figures", "colab", "links", "widgets", "offline")
+VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
 
 def find_chromium() -> str | None:
@@ -87,18 +96,59 @@ class Server:
 
 
 class Tags(HTMLParser):
-    """Every start tag of a document, as ``(name, attributes)``."""
+    """Every start tag of a document, as ``(name, attributes)``, and the classes of its ancestors."""
 
     def __init__(self, html: str):
         super().__init__()
         self.tags: list[tuple[str, dict]] = []
+        self.ancestor_classes: list[str] = []  # per tag: the classes of every element around it
+        self._open: list[tuple[str, str]] = []  # (tag, class) of the elements not closed yet
         self.feed(html)
 
     def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, {k: v or "" for k, v in attrs}))
+        attrs = {k: v or "" for k, v in attrs}
+        self.tags.append((tag, attrs))
+        self.ancestor_classes.append(" ".join(cls for _, cls in self._open))
+        if tag not in VOID_TAGS:
+            self._open.append((tag, attrs.get("class", "")))
 
-    def find(self, name: str) -> list[dict]:
-        return [attrs for tag, attrs in self.tags if tag == name]
+    def handle_endtag(self, tag):
+        for depth in range(len(self._open) - 1, -1, -1):  # forgive unclosed children, as browsers do
+            if self._open[depth][0] == tag:
+                del self._open[depth:]
+                return
+
+    def find(self, name: str, inside: str | None = None) -> list[dict]:
+        """Attributes of every ``name`` tag (only those within an element of class ``inside``, if given)."""
+        return [attrs for (tag, attrs), around in zip(self.tags, self.ancestor_classes)
+                if tag == name and (inside is None or inside in around)]
+
+
+def broken_links(doc: str, dom: Tags, site: Path) -> list[str]:
+    """The links of a page that point into the site at a missing file or a missing ``#id``."""
+    broken = []
+    for href in {a.get("href", "") for a in dom.find("a")}:
+        if not href or urlsplit(href).scheme or href.startswith("//"):
+            continue  # external (http, mailto, javascript, ...), checked by nobody offline
+        target = urlsplit(urljoin(f"/{doc}.html", href))
+        path = site / unquote(target.path).lstrip("/")
+        if path.is_dir():
+            path = path / "index.html"
+        if not path.is_file():
+            broken.append(href)
+        elif target.fragment and path.suffix == ".html" and not _has_id(path, unquote(target.fragment)):
+            broken.append(href)
+    return sorted(broken)
+
+
+@functools.lru_cache(maxsize=None)
+def _ids(page: Path) -> frozenset[str]:
+    tags = Tags(page.read_text(encoding="utf-8")).tags
+    return frozenset(attrs[key] for _, attrs in tags for key in ("id", "name") if attrs.get(key))
+
+
+def _has_id(page: Path, element_id: str) -> bool:
+    return element_id in _ids(page)
 
 
 def chromium(binary: str, *args: str) -> str:
@@ -111,16 +161,19 @@ def chromium(binary: str, *args: str) -> str:
     return result.stdout
 
 
-def check_page(doc: str, server: Server, binary: str, colab_base: str) -> dict[str, str]:
+def check_page(doc: str, binary: str, colab_base: str, site: Path = SITE) -> dict[str, str]:
     """Load one page and return ``{check: "ok" | "-" (not applicable) | "FAIL: why"}``."""
-    built = SITE / f"{doc}.html"
+    built = site / f"{doc}.html"
     if not built.exists():
         return {name: "FAIL: not built" if name == "exists" else "-" for name in CHECKS}
     static = built.read_text(encoding="utf-8")
     is_notebook = (ROOT / f"{doc}.ipynb").exists()
-    first_request = len(server.requests)
-    dom = Tags(chromium(binary, "--dump-dom", server.url + f"{doc}.html"))
-    requests = server.requests[first_request:]
+    server = Server(site)  # one server per page: its requests are this page's
+    try:
+        dom = Tags(chromium(binary, "--dump-dom", server.url + f"{doc}.html"))
+    finally:
+        server.close()
+    requests = server.requests
 
     def verdict(applies: bool, passed: bool, why: str) -> str:
         return "-" if not applies else "ok" if passed else f"FAIL: {why}"
@@ -134,6 +187,10 @@ def check_page(doc: str, server: Server, binary: str, colab_base: str) -> dict[s
                 + [link.get("href", "") for link in dom.find("link") if link.get("rel") == "stylesheet"]
                 if any(host in url for host in CDN_HOSTS)]
     classes = " ".join(attrs.get("class", "") for _, attrs in dom.tags)
+    broken = broken_links(doc, dom, site)
+    # interact() saves its figure in an Output widget: the picture a reader without a kernel sees
+    interactive = '"OutputModel"' in static
+    widget_images = dom.find("img", inside="widget-output")
     return {
         "exists": verdict(True, f"/{doc}.html" in served, "not served"),
         "math": verdict('class="math' in static, any(tag == "mjx-container" for tag, _ in dom.tags),
@@ -143,8 +200,11 @@ def check_page(doc: str, server: Server, binary: str, colab_base: str) -> dict[s
             f"{len(images)} output images, or one did not load"),
         "colab": verdict(is_notebook, any(a.get("href") == colab for a in dom.find("a")),
                          f"no link to {colab}"),
+        "links": verdict(True, not broken, f"{len(broken)} broken: {broken[:3]}"),
         "widgets": verdict("application/vnd.jupyter.widget-view+json" in static,
-                           "jupyter-widgets" in classes, "saved widgets were not rendered"),
+                           "jupyter-widgets" in classes and (bool(widget_images) or not interactive),
+                           "saved widgets were not rendered" if "jupyter-widgets" not in classes
+                           else "the interactive widget shows no figure"),
         "offline": verdict(True, not external and not missing,
                            f"CDN: {external[:2]}" if external else f"404: {missing[:3]}"),
     }
@@ -155,24 +215,32 @@ def screenshot(binary: str, url: str, path: Path) -> None:
     chromium(binary, f"--screenshot={path}", "--window-size=1280,1000", "--hide-scrollbars", url)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--site", type=Path, default=SITE, help=f"the built html folder (default {SITE})")
+    parser.add_argument("--only", default="", help="check only the pages whose name contains this text")
+    parser.add_argument("--jobs", type=int, default=4, help="pages loaded at the same time")
+    args = parser.parse_args(argv)
+    site = args.site.resolve()
+    screenshots = SCREENSHOTS if site == SITE else site.parent / "screenshots"
     binary = find_chromium()
     if binary is None:
         print("chromium not found; on Debian: apt-get install -y chromium", file=sys.stderr)
         return 2
-    if not (SITE / "index.html").exists():
-        print(f"{SITE / 'index.html'} not found; build the book first: python3 tools/make.py book",
+    if not (site / "index.html").exists():
+        print(f"{site / 'index.html'} not found; build the book first: python3 tools/make.py book",
               file=sys.stderr)
         return 2
     url, branch = repository()
     colab_base = f"https://colab.research.google.com/github/{url.split('github.com/')[1]}/blob/{branch}"
-    pages = toc_pages()
-    server = Server(SITE)
+    pages = [doc for doc in toc_pages() if args.only in doc]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = dict(zip(pages, pool.map(lambda doc: check_page(doc, binary, colab_base, site), pages)))
+    chapter = next((d for d in toc_pages() if (ROOT / f"{d}.ipynb").exists()))
+    server = Server(site)
     try:
-        results = {doc: check_page(doc, server, binary, colab_base) for doc in pages}
-        screenshot(binary, server.url + "index.html", SCREENSHOTS / "landing.png")
-        chapter = next((d for d in pages if (ROOT / f"{d}.ipynb").exists()), pages[-1])
-        screenshot(binary, server.url + f"{chapter}.html", SCREENSHOTS / "chapter.png")
+        screenshot(binary, server.url + "index.html", screenshots / "landing.png")
+        screenshot(binary, server.url + f"{chapter}.html", screenshots / "chapter.png")
     finally:
         server.close()
 
@@ -183,7 +251,7 @@ def main() -> int:
         print(f"{doc:<{width}}  " + "  ".join(f"{v[:4]:<7}" for v in checks.values()))
         failures += [f"{doc}: {name}: {v[6:]}" for name, v in checks.items() if v.startswith("FAIL")]
     print("\n".join(["", *failures]) if failures else f"\nall checks passed on {len(pages)} pages")
-    print(f"screenshots: {SCREENSHOTS}/landing.png, chapter.png ({chapter})")
+    print(f"screenshots: {screenshots}/landing.png, chapter.png ({chapter})")
     return 1 if failures else 0
 
 

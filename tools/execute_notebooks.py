@@ -1,0 +1,88 @@
+"""Execute the book's notebooks in parallel into the build's execution cache.
+
+    python tools/execute_notebooks.py --cache _build/.jupyter_cache/ci --jobs 2
+
+Jupyter Book (``execute_notebooks: cache``) runs the notebooks that have no
+cached outputs one after the other. This script fills the same cache first,
+``--jobs`` notebooks at a time, so the build that follows only reads it. It
+does what myst-nb's cache mode does for one notebook (the same
+``single_nb_execution``, in the notebook's own folder, widget state kept) and
+writes the results to the cache from this process only (the workers just
+execute), so the cache's database has a single writer.
+
+A notebook whose code is already in the cache is skipped; a notebook that
+fails is reported with its traceback and makes the script exit 1. The budget
+comes from ``MINILIB_BUDGET`` in the environment, as in the build. Run it with
+the virtual environment's Python (it needs jupyter-cache and nbclient).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import nbformat
+from jupyter_cache import get_cache
+from jupyter_cache.base import CacheBundleIn
+from jupyter_cache.executors.utils import single_nb_execution
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from check_site import toc_pages  # noqa: E402
+
+
+def book_notebooks() -> list[Path]:
+    """The notebooks listed in ``_toc.yml``, in the book's order."""
+    return [ROOT / f"{doc}.ipynb" for doc in toc_pages() if (ROOT / f"{doc}.ipynb").exists()]
+
+
+def execute(path: Path, timeout: int) -> tuple[Path, nbformat.NotebookNode | None, float, str | None]:
+    """Run one notebook in its folder; return it with its outputs, the seconds taken and any error."""
+    notebook = nbformat.read(path, as_version=4)
+    result = single_nb_execution(notebook, cwd=str(path.parent), timeout=timeout, allow_errors=False,
+                                 meta_override=True)
+    error = None if result.err is None else result.exc_string
+    return path, notebook, result.time, error
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", type=Path, required=True, help="the build's jupyter-cache folder")
+    parser.add_argument("--jobs", type=int, default=2, help="notebooks executed at the same time")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds one cell may run")
+    args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+
+    cache = get_cache(str(args.cache))
+    todo = []
+    for path in book_notebooks():
+        try:
+            cache.match_cache_notebook(nbformat.read(path, as_version=4))
+            print(f"cached    {path.relative_to(ROOT)}", flush=True)
+        except KeyError:
+            todo.append(path)
+    failures = []
+    start = time.monotonic()
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(execute, path, args.timeout) for path in todo]
+        for future in as_completed(futures):
+            path, notebook, seconds, error = future.result()
+            name = path.relative_to(ROOT)
+            if error is not None:
+                failures.append(name)
+                print(f"FAILED    {name} after {seconds:.0f} s\n{error}", flush=True)
+                continue
+            cache.cache_notebook_bundle(CacheBundleIn(notebook, str(path), data={"execution_seconds": seconds}),
+                                        check_validity=False, overwrite=True)
+            print(f"executed  {name} in {seconds:.0f} s", flush=True)
+    print(f"{len(todo)} notebooks executed in {time.monotonic() - start:.0f} s with {args.jobs} jobs; "
+          f"{len(failures)} failed", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
