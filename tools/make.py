@@ -1,6 +1,6 @@
 """The book's two commands (standard library only, any Python >= 3.10).
 
-    python3 tools/make.py test [PYTEST ARGS]   # tests + every notebook, budget "ci"
+    python3 tools/make.py test [PYTEST ARGS]   # tests + every notebook (budget "ci") + the website in Chromium
     python3 tools/make.py book [--budget B]    # execute notebooks, build _build/html
     python3 tools/make.py check-site           # open the built site in headless Chromium
     python3 tools/make.py editions             # student and instructor notebooks in _build/editions
@@ -9,6 +9,14 @@
 ``.venv`` with the pinned ``requirements.txt`` and ``minilib`` installed in
 editable mode. It is reinstalled when ``requirements.txt`` or ``pyproject.toml``
 change.
+
+``test`` runs in two stages. First pytest runs ``tests/`` and every notebook
+under nbval. Then, if that passed and no pytest arguments narrowed the run, the
+site test (tests/test_site.py) builds the website with the ``ci`` budget into
+``_build/test-site`` and opens every page in headless Chromium. For that stage
+``test`` installs what the site needs: the offline MathJax and widget scripts
+(``npm ci``) and, if it is missing, Debian's ``chromium`` (``apt-get``, as root).
+``--no-site`` skips the second stage.
 """
 
 from __future__ import annotations
@@ -76,9 +84,12 @@ def venv_env(**variables: str) -> dict:
     return env
 
 
-def ensure_offline_assets() -> None:
+def ensure_offline_assets(required: bool = False) -> None:
     """``npm ci`` the offline MathJax and widget scripts (see tools/book_ext.py)."""
     npm = shutil.which("npm")
+    if npm is None and required:
+        sys.exit("the site test needs npm (Node.js) to install the offline MathJax and widget scripts; "
+                 "install Node.js, or skip the site test with: python3 tools/make.py test --no-site")
     if npm is None:
         step("WARNING: npm not found, so the offline MathJax and widget scripts cannot be "
              "installed: the pages will load them from a CDN and need a network connection")
@@ -92,22 +103,57 @@ def ensure_offline_assets() -> None:
     NPM_STAMP.write_text(wanted)
 
 
-def cmd_test(pytest_args: list[str]) -> int:
+def find_chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def ensure_chromium() -> None:
+    """Install Debian's chromium for the site test if no Chromium is on the PATH."""
+    if find_chromium() is not None:
+        step(f"using {find_chromium()} for the site test")
+        return
+    apt_get = shutil.which("apt-get")
+    if apt_get is None or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        sys.exit("the site test needs Chromium and this script can only install it with apt-get as root; "
+                 "install chromium yourself (Debian/Ubuntu: sudo apt-get install -y chromium), "
+                 "or skip the site test with: python3 tools/make.py test --no-site")
+    step("installing chromium for the site test (apt-get, about a minute)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in ([apt_get, "update", "-qq"], [apt_get, "install", "-y", "-qq", "--no-install-recommends", "chromium"]):
+        if run(cmd, env=env) != 0:
+            sys.exit(f"command failed: {' '.join(cmd)}")
+
+
+def cmd_test(pytest_args: list[str], site: bool) -> int:
     ensure_venv()
     step("running the tests and the notebooks with MINILIB_BUDGET=ci")
     env = venv_env(MINILIB_BUDGET="ci", OMP_NUM_THREADS="1", MPLBACKEND="Agg")
     folders = [name for name in ("tests", "notebooks") if (ROOT / name).is_dir()]
-    return run([VENV_PYTHON, "-m", "pytest", "-n", "2", "--dist", "loadfile",
+    code = run([VENV_PYTHON, "-m", "pytest", "-n", "2", "--dist", "loadfile",
                 "--nbval-lax", *folders, *pytest_args], env=env)
+    if code != 0 or pytest_args or not site:
+        return code
+    ensure_offline_assets(required=True)
+    ensure_chromium()
+    step("site test: build the website with MINILIB_BUDGET=ci and open every page in Chromium "
+         "(tests/test_site.py)")
+    env["MINILIB_SITE_TEST"] = "1"
+    env.pop("MPLBACKEND")  # the notebooks' figures must use the inline backend
+    return run([VENV_PYTHON, "-m", "pytest", "-v", ROOT / "tests" / "test_site.py"], env=env)
 
 
-def cmd_book(budget: str) -> int:
+def cmd_book(budget: str, jobs: int) -> int:
     ensure_venv()
     ensure_offline_assets()
-    step(f"building the book with MINILIB_BUDGET={budget} "
-         "(notebooks that changed since the last build are executed)")
     env = venv_env(MINILIB_BUDGET=budget)
     env.pop("MPLBACKEND", None)  # figures must use the notebook's inline backend
+    step(f"executing the notebooks whose code changed since the last build, MINILIB_BUDGET={budget}, "
+         f"{jobs} at a time")
+    cache = ROOT / "_build" / ".jupyter_cache" / budget  # the build's cache for this budget (tools/book_ext.py)
+    code = run([VENV_PYTHON, ROOT / "tools" / "execute_notebooks.py", "--cache", cache, "--jobs", jobs], env=env)
+    if code != 0:
+        return code
+    step("building the book")
     # -W -n: warnings and broken references fail the build; --keep-going lists them all.
     code = run([VENV_BIN / "jupyter-book", "build", ".", "-W", "-n", "--keep-going"], env=env)
     if code == 0:
@@ -129,10 +175,13 @@ def cmd_editions() -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("test", help="run tests/ and notebooks/ under nbval (budget ci); "
-                                     "other arguments go to pytest, e.g. -k patch")
+    test = commands.add_parser("test", help="run tests/ and notebooks/ under nbval (budget ci), then the site "
+                                            "test; other arguments go to pytest (e.g. -k patch) and skip the site test")
+    test.add_argument("--no-site", action="store_true", help="skip the site test (building and opening the website)")
     book = commands.add_parser("book", help="execute the notebooks and build _build/html")
     book.add_argument("--budget", choices=["ci", "cpu", "gpu"], default="cpu")
+    book.add_argument("--jobs", type=int, default=1,
+                      help="notebooks executed at the same time (each uses every core: 1 suits a laptop)")
     commands.add_parser("check-site", help="check _build/html in headless Chromium")
     commands.add_parser("editions", help="write the student and instructor editions of the notebooks "
                                          "to _build/editions")
@@ -142,9 +191,9 @@ def main() -> int:
 
     start = time.monotonic()
     if args.command == "test":
-        code = cmd_test(extra)
+        code = cmd_test(extra, site=not args.no_site)
     elif args.command == "book":
-        code = cmd_book(args.budget)
+        code = cmd_book(args.budget, args.jobs)
     elif args.command == "editions":
         code = cmd_editions()
     else:
