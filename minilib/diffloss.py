@@ -224,11 +224,11 @@ class DiffLoss(nn.Module):
             if len(z) % 2:
                 raise ValueError(f"DiffLoss.sample with cfg != 1 needs an even batch (conditional then "
                                  f"unconditional halves), got {len(z)}")
-            noise = torch.randn(len(z) // 2, self.in_channels).to(z.device)
+            noise = torch.randn(len(z) // 2, self.in_channels, device=z.device)
             noise = torch.cat([noise, noise])
             model, model_kwargs = self.net.forward_with_cfg, dict(c=z, cfg_scale=cfg)
         else:
-            noise = torch.randn(len(z), self.in_channels).to(z.device)
+            noise = torch.randn(len(z), self.in_channels, device=z.device)
             model, model_kwargs = self.net.forward, dict(c=z)
         return self.gen_diffusion.p_sample_loop(model, tuple(noise.shape), model_kwargs, noise=noise,
                                                 clip_denoised=clip_denoised, temperature=temperature)

@@ -59,6 +59,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from minilib.validation import check_range
+
 
 def linear_beta_schedule(num_timesteps: int) -> torch.Tensor:
     """DDPM's schedule: b_t evenly spaced from 1e-4 to 0.02 for T = 1000.
@@ -161,6 +163,10 @@ class GaussianDiffusion:
                                                          self.posterior_variance[1:]]).log()
         self.posterior_mean_coef_x0 = betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
         self.posterior_mean_coef_xt = (1 - self.alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - self.alphas_cumprod)
+        self.log_betas = betas.log()
+        # The tables above live on the CPU in float64; _coef keeps a copy per (device, dtype),
+        # so that a sampling loop on a GPU reads them there, without a round trip to the host.
+        self._tables: dict[tuple, torch.Tensor] = {}
 
     def __repr__(self) -> str:
         learned = ", learned variance" if self.learn_sigma else ""
@@ -176,7 +182,7 @@ class GaussianDiffusion:
         """
         if noise.shape != x0.shape:
             raise ValueError(f"noise must have x0's shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
-        abar = _per_sample(self.alphas_cumprod, t, x0)
+        abar = self._coef(self.alphas_cumprod, t, x0)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
     def q_posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor,
@@ -188,13 +194,13 @@ class GaussianDiffusion:
 
         Returns the mean ``(N, ...)`` and the variance, broadcastable ``(N, 1, ...)``.
         """
-        mean = (_per_sample(self.posterior_mean_coef_x0, t, x_t) * x0
-                + _per_sample(self.posterior_mean_coef_xt, t, x_t) * x_t)
-        return mean, _per_sample(self.posterior_variance, t, x_t)
+        mean = (self._coef(self.posterior_mean_coef_x0, t, x_t) * x0
+                + self._coef(self.posterior_mean_coef_xt, t, x_t) * x_t)
+        return mean, self._coef(self.posterior_variance, t, x_t)
 
     def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Invert the forward process: x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-        abar = _per_sample(self.alphas_cumprod, t, x_t)
+        abar = self._coef(self.alphas_cumprod, t, x_t)
         return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
 
     # --- the learned variance (Improved DDPM) ----------------------------------
@@ -208,8 +214,8 @@ class GaussianDiffusion:
         b_t ("fixed large"), and values in between interpolate in the log domain.
         ``var_values: (N, C, ...)``, ``t: (N,)``; returns ``(N, C, ...)``.
         """
-        min_log = _per_sample(self.posterior_log_variance_clipped, t, var_values)
-        max_log = _per_sample(self.betas.log(), t, var_values)
+        min_log = self._coef(self.posterior_log_variance_clipped, t, var_values)
+        max_log = self._coef(self.log_betas, t, var_values)
         frac = (var_values + 1) / 2
         return frac * max_log + (1 - frac) * min_log
 
@@ -227,7 +233,7 @@ class GaussianDiffusion:
         continuous tokens. Returns ``(N,)``: each sample's mean over its elements.
         """
         true_mean, _ = self.q_posterior_mean_variance(x0, x_t, t)
-        true_log_variance = _per_sample(self.posterior_log_variance_clipped, t, x_t)
+        true_log_variance = self._coef(self.posterior_log_variance_clipped, t, x_t)
         model_mean, _ = self.q_posterior_mean_variance(self.predict_x0_from_eps(x_t, t, eps), x_t, t)
         model_log_variance = self.learned_range_log_variance(var_values, t)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, model_mean, model_log_variance)) / math.log(2)
@@ -377,7 +383,7 @@ class GaussianDiffusion:
             x0 = self.predict_x0_from_eps(x, t, eps)
             if clip_denoised:
                 x0 = x0.clamp(-1, 1)
-            z = torch.randn(x.shape, generator=generator).to(device) if i > 0 else torch.zeros_like(x)
+            z = _noise_like(x, generator) if i > 0 else torch.zeros_like(x)
             x = step(x, t, x0, z, var_values)
         return x
 
@@ -388,17 +394,31 @@ class GaussianDiffusion:
         return mean + temperature * variance.sqrt() * z
 
     def _ddim_step(self, x_t, t, x0, z, var_values=None, *, eta):  # DDIM sets its own variance: var_values unused
-        abar = _per_sample(self.alphas_cumprod, t, x_t)
-        abar_prev = _per_sample(self.alphas_cumprod_prev, t, x_t)
+        abar = self._coef(self.alphas_cumprod, t, x_t)
+        abar_prev = self._coef(self.alphas_cumprod_prev, t, x_t)
         # eps consistent with the (possibly clipped) x0_hat, as in the DDIM code
         eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
         sigma = eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()
         return abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).sqrt() * eps + sigma * z
 
+    def _coef(self, values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``values[t]`` shaped ``(N, 1, 1, ...)`` to broadcast against ``x (N, ...)``, in x's dtype and device.
+
+        ``values`` is one of this process's ``(T,)`` tables; the copy on x's device
+        is made once and kept, so the lookup never waits for the GPU."""
+        _check_timesteps(t, x, len(values))
+        key = (id(values), x.device, x.dtype)
+        if key not in self._tables:
+            self._tables[key] = values.to(device=x.device, dtype=x.dtype)
+        return self._tables[key][t].view(-1, *([1] * (x.ndim - 1)))
+
     def _model_output(self, model, x_t, t, model_kwargs):
         """Call the model with the *original* timesteps; return its eps channels and,
         with ``learn_sigma``, its variance channels (else None)."""
-        out = model(x_t, self.timestep_map.to(t.device)[t], **(model_kwargs or {}))
+        timestep_map = self._tables.get(("timestep_map", t.device))
+        if timestep_map is None:
+            timestep_map = self._tables[("timestep_map", t.device)] = self.timestep_map.to(t.device)
+        out = model(x_t, timestep_map[t], **(model_kwargs or {}))
         channels = x_t.shape[1]
         if out.shape[0] != x_t.shape[0] or out.shape[2:] != x_t.shape[2:] or out.shape[1] < channels:
             raise ValueError(f"the model must return eps with x_t's shape {tuple(x_t.shape)} (plus optional "
@@ -479,16 +499,28 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, lo
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
 
-def _per_sample(values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``values[t]`` shaped ``(N, 1, 1, ...)`` to broadcast against ``x (N, ...)``, in x's dtype and device."""
+def _check_timesteps(t: torch.Tensor, x: torch.Tensor, num_timesteps: int) -> None:
+    """t must be ``(N,)`` integer steps in ``[0, num_timesteps)``, with N = len(x)
+    (the range is checked without stalling a GPU: see minilib/validation.py)."""
     if t.ndim != 1 or t.shape[0] != x.shape[0] or t.is_floating_point():
         raise ValueError(f"t must be a (N,) integer tensor with N = {x.shape[0]}, "
                          f"got {t.dtype} {tuple(t.shape)}")
-    if t.numel() and (t.min() < 0 or t.max() >= len(values)):
-        raise ValueError(f"timesteps must lie in [0, {len(values) - 1}], "
-                         f"got min {t.min().item()} max {t.max().item()}")
-    picked = values[t.cpu()].to(device=x.device, dtype=x.dtype)
-    return picked.view(-1, *([1] * (x.ndim - 1)))
+    check_range(t, 0, num_timesteps - 1, "timesteps")
+
+
+def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like x, on x's device.
+
+    Without a generator it is drawn on the device. With one (a CPU generator, so
+    that a seed gives the same samples on every device), it is drawn on the CPU
+    and copied from pinned memory without blocking, so the loop need not wait
+    for the GPU to finish its queue."""
+    if generator is None:
+        return torch.randn(x.shape, device=x.device, dtype=x.dtype)
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    if x.device.type == "cuda":
+        return noise.pin_memory().to(x.device, non_blocking=True)
+    return noise.to(x.device)
 
 
 def _sampling_device(model, noise, device) -> torch.device:

@@ -267,12 +267,13 @@ def sample_heun(model: Callable, x: torch.Tensor, sigmas: torch.Tensor,
     _check_sampler_inputs(x, sigmas)
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
+    ends_at_zero = bool(sigmas[-1] == 0)  # read once: inside the loop it would wait for the GPU at every step
     for i in range(len(sigmas) - 1):
         sigma_hat = sigmas[i]
         denoised = model(x, sigma_hat * s_in, **extra_args)
         d = to_d(x, sigma_hat, denoised)
         dt = sigmas[i + 1] - sigma_hat
-        if sigmas[i + 1] == 0:
+        if i == len(sigmas) - 2 and ends_at_zero:
             # Euler method
             x = x + d * dt
         else:

@@ -20,6 +20,8 @@ import math
 import torch
 from torch import nn
 
+from minilib.validation import check_range
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal features of (possibly fractional) timesteps.
@@ -118,9 +120,7 @@ class LabelEmbedder(nn.Module):
         if labels.ndim != 1 or labels.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"labels must be a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
         max_label = self.embedding_table.num_embeddings - 1
-        if labels.numel() and (labels.min() < 0 or labels.max() > max_label):
-            raise ValueError(f"labels must lie in [0, {max_label}], got min {labels.min().item()} "
-                             f"max {labels.max().item()}")
+        check_range(labels, 0, max_label, "labels")
         train = self.training if train is None else train
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids)
