@@ -271,10 +271,14 @@ def mar_row(model, name: str, device: torch.device, batch: int, num_iter: int, d
     seconds = wall_time(lambda: result.update(share=time_sampling(model, batch, num_iter, diffusion_steps,
                                                                   device)[1]), device)
     head, transformer = seconds * result["share"], seconds * (1 - result["share"])
-    total = transformer / num_iter * full[0] + head / diffusion_steps * full[1]
+    full_head = head / diffusion_steps * full[1]
+    total = transformer / num_iter * full[0] + full_head
+    extrapolated = (num_iter, diffusion_steps) != full
+    note = f"{100 * result['share']:.0f}% of the run in the diffusion head"
+    if extrapolated:
+        note += f", ~{100 * full_head / total:.0f}% of the full schedule"
     return Row("MAR", name, device.type, batch, f"{num_iter} x {diffusion_steps} of {full[0]} x {full[1]}",
-               total / batch, None, memory, extrapolated=(num_iter, diffusion_steps) != full,
-               note=f"{100 * result['share']:.0f}% of the run in the diffusion head")
+               total / batch, None, memory, extrapolated=extrapolated, note=note)
 
 
 def mar_small(device: torch.device, args) -> list[Row]:
