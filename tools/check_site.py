@@ -210,9 +210,9 @@ def check_page(doc: str, binary: str, colab_base: str, site: Path = SITE) -> dic
     }
 
 
-def screenshot(binary: str, url: str, path: Path) -> None:
+def screenshot(binary: str, url: str, path: Path, height: int = 1000) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    chromium(binary, f"--screenshot={path}", "--window-size=1280,1000", "--hide-scrollbars", url)
+    chromium(binary, f"--screenshot={path}", f"--window-size=1280,{height}", "--hide-scrollbars", url)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(site)
     try:
         screenshot(binary, server.url + "index.html", screenshots / "landing.png")
-        screenshot(binary, server.url + f"{chapter}.html", screenshots / "chapter.png")
+        screenshot(binary, server.url + f"{chapter}.html", screenshots / "chapter.png", height=2600)  # to its figures
     finally:
         server.close()
 
