@@ -110,13 +110,21 @@ def main():
     parser.add_argument("--cpu-mar-steps", type=int, default=4)
     parser.add_argument("--cpu-dit-steps", type=int, default=4)
     args = parser.parse_args()
+    # Two short runs, S/2 and S steps, draw the line; DDPM's respacing needs at least 2 steps.
+    if args.cpu_mar_steps < 2:
+        parser.error(f"--cpu-mar-steps must be at least 2 (runs of S/2 and S steps), got {args.cpu_mar_steps}")
+    if args.cpu_dit_steps < 4:
+        parser.error(f"--cpu-dit-steps must be at least 4 (DDPM needs 2 steps in the S/2 run), "
+                     f"got {args.cpu_dit_steps}")
     return_freed_memory_to_the_os()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto" \
         else args.devices.split(",")
     batches = [int(b) for b in args.batches.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s), random weights", file=sys.stderr)
 
-    rows = []
+    print("| model | device | batch | steps run | time | per step | full schedule | per image (full) | "
+          "peak memory increase |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
     for device_name in devices:
         device = torch.device(device_name)
         for name in args.models.split(","):
@@ -131,24 +139,20 @@ def main():
                 if steps == full:
                     per_step, total = seconds / steps, seconds
                 else:  # a line through (steps / 2, t_half) and (steps, seconds)
-                    half = max(1, steps // 2)
+                    half = steps // 2
                     t_half, _ = measure(sampler, batch, half)
                     per_step = (seconds - t_half) / (steps - half)
                     total = seconds + per_step * (full - steps)
-                rows.append((name, device_name, batch, steps, full, seconds, per_step, total, memory))
-                print(f"  {name} {device_name} batch {batch}: {seconds:.1f} s for {steps} steps",
-                      file=sys.stderr, flush=True)
+                print_row(name, device_name, batch, steps, full, seconds, per_step, total, memory)
             del sampler
-
-    print("| model | device | batch | steps run | time | per step | full schedule | per image (full) | "
-          "peak memory increase |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, device, batch, steps, full, seconds, per_step, total, memory in rows:
-        mark = "" if steps == full else "~"
-        memory_text = "n/a" if memory is None else f"{memory / 2**20:,.0f} MiB"
-        print(f"| {name} | {device} | {batch} | {steps} of {full} | {seconds:.1f} s | {per_step:.2f} s | "
-              f"{mark}{total:.0f} s | {mark}{total / batch:.1f} s | {memory_text} |")
     print("\n~ = extrapolated along the line through runs of S/2 and S steps (time = a + b * steps).")
+
+
+def print_row(name, device, batch, steps, full, seconds, per_step, total, memory) -> None:
+    mark = "" if steps == full else "~"
+    memory_text = "n/a" if memory is None else f"{memory / 2**20:,.0f} MiB"
+    print(f"| {name} | {device} | {batch} | {steps} of {full} | {seconds:.1f} s | {per_step:.2f} s | "
+          f"{mark}{total:.0f} s | {mark}{total / batch:.1f} s | {memory_text} |", flush=True)
 
 
 if __name__ == "__main__":
