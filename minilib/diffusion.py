@@ -164,7 +164,7 @@ class GaussianDiffusion:
         self.posterior_mean_coef_x0 = betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
         self.posterior_mean_coef_xt = (1 - self.alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - self.alphas_cumprod)
         self.log_betas = betas.log()
-        # The tables above live on the CPU in float64; _coef keeps a copy per (device, dtype),
+        # The tables above live on the CPU in float64; _on_device keeps a copy per (device, dtype),
         # so that a sampling loop on a GPU reads them there, without a round trip to the host.
         self._tables: dict[tuple, torch.Tensor] = {}
 
@@ -407,17 +407,19 @@ class GaussianDiffusion:
         ``values`` is one of this process's ``(T,)`` tables; the copy on x's device
         is made once and kept, so the lookup never waits for the GPU."""
         _check_timesteps(t, x, len(values))
-        key = (id(values), x.device, x.dtype)
+        return self._on_device(values, x.device, x.dtype)[t].view(-1, *([1] * (x.ndim - 1)))
+
+    def _on_device(self, table: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``table`` (one of this process's CPU tensors) on ``device`` in ``dtype``, copied once and kept."""
+        key = (id(table), device, dtype)
         if key not in self._tables:
-            self._tables[key] = values.to(device=x.device, dtype=x.dtype)
-        return self._tables[key][t].view(-1, *([1] * (x.ndim - 1)))
+            self._tables[key] = table.to(device=device, dtype=dtype)
+        return self._tables[key]
 
     def _model_output(self, model, x_t, t, model_kwargs):
         """Call the model with the *original* timesteps; return its eps channels and,
         with ``learn_sigma``, its variance channels (else None)."""
-        timestep_map = self._tables.get(("timestep_map", t.device))
-        if timestep_map is None:
-            timestep_map = self._tables[("timestep_map", t.device)] = self.timestep_map.to(t.device)
+        timestep_map = self._on_device(self.timestep_map, t.device, self.timestep_map.dtype)
         out = model(x_t, timestep_map[t], **(model_kwargs or {}))
         channels = x_t.shape[1]
         if out.shape[0] != x_t.shape[0] or out.shape[2:] != x_t.shape[2:] or out.shape[1] < channels:
