@@ -2,9 +2,9 @@
 
 ``python3 tools/make.py test`` runs this file a second time after the main
 test run, with ``MINILIB_SITE_TEST=1``: it builds the book with the ``ci``
-budget into ``_build/test-site`` (notebooks executed in parallel into the
-build's cache by tools/execute_notebooks.py, then ``jupyter-book build -W -n``,
-so any warning fails) and runs tools/check_site.py on every page of
+budget into ``_build/test-site`` with ``make.py book`` (notebooks executed two
+at a time into the build's cache, then ``jupyter-book build -W -n``, so any
+warning fails) and runs tools/check_site.py on every page of
 ``_toc.yml``. The screenshots of the landing page and of a chapter are saved in
 ``_build/test-site/_build/screenshots/``. In a plain ``pytest`` run the site
 test is skipped (building takes minutes); the checker's own tests always run.
@@ -54,18 +54,12 @@ def test_broken_links_finds_missing_pages_and_anchors(tmp_path):
 
 @pytest.fixture(scope="module")
 def built_site():
-    """Build the book with the ci budget into _build/test-site (executing notebooks whose code changed)."""
-    env = dict(os.environ, MINILIB_BUDGET="ci", OMP_NUM_THREADS="1")
-    env.pop("MPLBACKEND", None)
-    cache = TEST_SITE / "_build" / ".jupyter_cache" / "ci"  # where tools/book_ext.py puts the ci cache
-    execute = subprocess.run([sys.executable, ROOT / "tools" / "execute_notebooks.py", "--cache", cache,
-                              "--jobs", "2"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert execute.returncode == 0, f"a notebook failed:\n{execute.stdout[-6000:]}"
-    jupyter_book = Path(sys.executable).parent / "jupyter-book"
-    build = subprocess.run([jupyter_book, "build", ".", "--path-output", TEST_SITE, "-W", "-n", "--keep-going"],
-                           cwd=ROOT, env=env, capture_output=True, text=True)
-    log = build.stdout + build.stderr
-    assert build.returncode == 0, f"the book build failed or warned:\n{log[-6000:]}"
+    """Build the book with the ci budget into _build/test-site, as `make.py book` builds it (notebooks whose
+    code changed are executed, two at a time; any Sphinx warning fails)."""
+    build = subprocess.run([sys.executable, ROOT / "tools" / "make.py", "book", "--budget", "ci", "--jobs", "2",
+                            "--output", TEST_SITE], cwd=ROOT, capture_output=True, text=True)
+    assert build.returncode == 0, f"a notebook failed, or the build failed or warned:\n{build.stdout[-6000:]}" \
+                                  f"\n{build.stderr[-3000:]}"
     return HTML
 
 

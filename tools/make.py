@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from check_site import find_chromium  # tools/ is on the path when this file runs as a script
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 VENV_BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
@@ -103,10 +105,6 @@ def ensure_offline_assets(required: bool = False) -> None:
     NPM_STAMP.write_text(wanted)
 
 
-def find_chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-
 def ensure_chromium() -> None:
     """Install Debian's chromium for the site test if no Chromium is on the PATH."""
     if find_chromium() is not None:
@@ -142,22 +140,25 @@ def cmd_test(pytest_args: list[str], site: bool) -> int:
     return run([VENV_PYTHON, "-m", "pytest", "-v", ROOT / "tests" / "test_site.py"], env=env)
 
 
-def cmd_book(budget: str, jobs: int) -> int:
+def cmd_book(budget: str, jobs: int, output: Path = ROOT) -> int:
+    """Execute the notebooks whose code changed, then build ``<output>/_build/html``."""
     ensure_venv()
     ensure_offline_assets()
     env = venv_env(MINILIB_BUDGET=budget)
     env.pop("MPLBACKEND", None)  # figures must use the notebook's inline backend
     step(f"executing the notebooks whose code changed since the last build, MINILIB_BUDGET={budget}, "
          f"{jobs} at a time")
-    cache = ROOT / "_build" / ".jupyter_cache" / budget  # the build's cache for this budget (tools/book_ext.py)
+    build = output.resolve() / "_build"
+    cache = build / ".jupyter_cache" / budget  # the build's cache for this budget (tools/book_ext.py)
     code = run([VENV_PYTHON, ROOT / "tools" / "execute_notebooks.py", "--cache", cache, "--jobs", jobs], env=env)
     if code != 0:
         return code
     step("building the book")
     # -W -n: warnings and broken references fail the build; --keep-going lists them all.
-    code = run([VENV_BIN / "jupyter-book", "build", ".", "-W", "-n", "--keep-going"], env=env)
+    code = run([VENV_BIN / "jupyter-book", "build", ".", "--path-output", output.resolve(), "-W", "-n",
+                "--keep-going"], env=env)
     if code == 0:
-        step(f"the book is at {ROOT / '_build' / 'html' / 'index.html'}")
+        step(f"the book is at {build / 'html' / 'index.html'}")
     return code
 
 
@@ -182,6 +183,8 @@ def main() -> int:
     book.add_argument("--budget", choices=["ci", "cpu", "gpu"], default="cpu")
     book.add_argument("--jobs", type=int, default=1,
                       help="notebooks executed at the same time (each uses every core: 1 suits a laptop)")
+    book.add_argument("--output", type=Path, default=ROOT,
+                      help="build into OUTPUT/_build (default: the repository; the site test uses _build/test-site)")
     commands.add_parser("check-site", help="check _build/html in headless Chromium")
     commands.add_parser("editions", help="write the student and instructor editions of the notebooks "
                                          "to _build/editions")
@@ -193,7 +196,7 @@ def main() -> int:
     if args.command == "test":
         code = cmd_test(extra, site=not args.no_site)
     elif args.command == "book":
-        code = cmd_book(args.budget, args.jobs)
+        code = cmd_book(args.budget, args.jobs, args.output)
     elif args.command == "editions":
         code = cmd_editions()
     else:
