@@ -6,8 +6,8 @@ non-overlapping ``p x p`` patches, flattens each one and maps it linearly to a
 A convolution with kernel size and stride ``p`` does exactly that linear map,
 which is how ``PatchEmbed`` is written (and why its weight is ``(D, C, p, p)``).
 
-Transformers are permutation-invariant, so each token also gets a position
-embedding. DiT and MAE use fixed 2-D sin-cos embeddings; SD3 stores one large
+Self-attention is permutation-equivariant (shuffling the tokens shuffles its
+output the same way), so each token also gets a position embedding. DiT and MAE use fixed 2-D sin-cos embeddings; SD3 stores one large
 grid of them and crops the centre for the resolution at hand.
 """
 
@@ -121,6 +121,31 @@ def get_1d_sincos_pos_embed(embed_dim: int, positions: torch.Tensor) -> torch.Te
     omega = 1.0 / 10000 ** omega  # (D/2,)
     angles = positions.reshape(-1).double()[:, None] * omega[None]  # (M, D/2)
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def sincos_shift_matrix(embed_dim: int, offset: float) -> torch.Tensor:
+    """The ``(D, D)`` matrix ``R_k`` with ``PE(m + k) = R_k PE(m)`` for every position m.
+
+    For each frequency, the pair ``(sin(m w), cos(m w))`` moves to
+    ``(sin((m+k) w), cos((m+k) w))`` by a rotation through the angle ``k w``:
+    ``sin(a + b) = sin a cos b + cos a sin b`` and ``cos(a + b) = cos a cos b - sin a sin b``.
+    So a shift of position is a fixed rotation of the embedding, independent of m,
+    which is why ``PE(m) . PE(m + k)`` depends on the offset k alone (and the idea
+    behind rotary embeddings, which rotate queries and keys instead).
+    Float64, laid out like ``get_1d_sincos_pos_embed`` (sines, then cosines).
+    """
+    if embed_dim % 2:
+        raise ValueError(f"embed_dim must be even, got {embed_dim}")
+    half = embed_dim // 2
+    omega = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float64) / half)  # (D/2,)
+    cos, sin = torch.cos(offset * omega), torch.sin(offset * omega)
+    rotation = torch.zeros(embed_dim, embed_dim, dtype=torch.float64)
+    index = torch.arange(half)
+    rotation[index, index] = cos                # new sin = cos(kw) sin + sin(kw) cos
+    rotation[index, index + half] = sin
+    rotation[index + half, index] = -sin        # new cos = -sin(kw) sin + cos(kw) cos
+    rotation[index + half, index + half] = cos
+    return rotation
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int | tuple[int, int]) -> torch.Tensor:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from minilib.patch_embed import (PatchEmbed, cropped_pos_embed, get_1d_sincos_pos_embed,
+from minilib.patch_embed import (PatchEmbed, cropped_pos_embed, get_1d_sincos_pos_embed, sincos_shift_matrix,
                                  get_2d_sincos_pos_embed, patchify, unpatchify)
 
 
@@ -89,3 +89,20 @@ def test_bad_inputs_raise_clear_errors():
         unpatchify(torch.zeros(1, 4, 10), 2, 3)
     with pytest.raises(ValueError, match="divisible by 4"):
         get_2d_sincos_pos_embed(6, 3)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 5, -3, 2.5])
+def test_a_shift_of_position_is_a_rotation_of_the_sincos_embedding(offset):
+    positions = torch.arange(-4, 20, dtype=torch.float64)
+    rotation = sincos_shift_matrix(16, offset)
+    shifted = get_1d_sincos_pos_embed(16, positions + offset)
+    torch.testing.assert_close(get_1d_sincos_pos_embed(16, positions) @ rotation.T, shifted)
+    torch.testing.assert_close(rotation @ rotation.T, torch.eye(16, dtype=torch.float64))  # orthogonal
+    # so the dot product of two positions depends on their offset only
+    products = (get_1d_sincos_pos_embed(16, positions) * shifted).sum(dim=1)
+    torch.testing.assert_close(products, products[:1].expand_as(products))
+
+
+def test_sincos_shift_matrix_rejects_an_odd_width():
+    with pytest.raises(ValueError, match="even"):
+        sincos_shift_matrix(7, 1)
