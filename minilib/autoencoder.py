@@ -416,8 +416,9 @@ def vae_loss(recon: torch.Tensor, x: torch.Tensor, posterior: DiagonalGaussian, 
         loss = mean_b [ sum_{c,h,w} d(x, x_hat) ] + kl_weight * mean_b [ KL(q(z | x) || N(0, I)) ]
 
     with ``d = |x - x_hat|`` (``"l1"``, LDM's choice: sharper than squared error) or
-    ``(x - x_hat)^2`` (``"mse"``). With ``kl_weight = 1`` this is the negative ELBO
-    of a Laplace (or Gaussian) decoder with unit scale, up to constants. LDM adds a
+    ``(x - x_hat)^2`` (``"mse"``). With ``kl_weight = 1`` this is the negative ELBO,
+    up to constants, of a Laplace decoder with unit scale (``"l1"``: -log p = |x - x_hat| + const)
+    or of a Gaussian decoder with variance 1/2 (``"mse"``: -log p = (x - x_hat)^2 / (2 sigma^2) + const). LDM adds a
     perceptual (LPIPS) and a GAN loss and uses ``kl_weight = 1e-6``; the book's
     small autoencoder uses the reconstruction term alone plus a small KL weight.
 
