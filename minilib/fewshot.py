@@ -26,8 +26,9 @@ Training is leave-one-out (``leave_one_out``): every image of a training set is
 a target, generated from the context of the *other* images of its set, so the
 model learns to generate from a set without ever copying the target.
 
-Seed 002's configuration is ``zoo.build("vfsddpm-cifar100")``; chapter 8 lists
-its parameters next to the seed's hand-made table.
+The CIFAR-100 configuration of the JAX port is ``zoo.build("vfsddpm-cifar100")``;
+chapter 8 counts its parameters and the book's appendix compares them with the
+parameter summary published with that configuration.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class ShiftedPatchTokenization(nn.Module):
 class LocalitySelfAttention(nn.Module):
     """LSA (Lee et al. 2021): self-attention with a learned temperature and no self-attention.
 
-        A = softmax(mask(Q K^T * exp(temperature)))  with  mask(S)_ii = -inf,
+        A = softmax(Q K^T * exp(temperature) + M),  M_ij = -inf if i == j else 0,
 
     ``temperature`` is a learned log-scale, initialised to ``log(1/sqrt(d_head))``
     so that training starts from ordinary scaled dot-product attention; a
@@ -299,7 +300,7 @@ class ContextDiT(nn.Module):
 
 
 class VFSDDPM(nn.Module):
-    """(Variational) few-shot DDPM: a set encoder and a DiT generator (seed 002).
+    """(Variational) few-shot DDPM: a set encoder and a DiT generator (as in the JAX port of FSDM).
 
     Args:
         image_size, in_channels, patch_size: images and the patch side (both networks).
@@ -318,7 +319,7 @@ class VFSDDPM(nn.Module):
         context_dropout_prob: in training, replace each context by a learned
             ``null_context`` with this probability, so that the same network also
             learns to generate without a set, for classifier-free guidance
-            (``sample(..., guidance_scale=s)``). 0 (seed 002): no null context.
+            (``sample(..., guidance_scale=s)``). 0 (the JAX port's setting): no null context.
 
     ``forward(x_t, t, context)`` is the generator, so ``GaussianDiffusion`` samples with
     ``model_kwargs=dict(context=model.encode(support)[0])``.
