@@ -24,10 +24,18 @@ the noise level ``sigma`` is simply ``t``, and the two views are related by
 so the k-diffusion samplers integrate exactly the flow's ODE. SD3 also
 *shifts* the time grid towards high noise (:func:`time_snr_shift`), where the
 image's large-scale structure is decided, and samples with classifier-free
-guidance (:class:`CFGDenoiser`).
+guidance (:class:`CFGDenoiser`). The SD3.5 reference code samples SD3 Medium,
+SD3.5 Medium and SD3.5 Large with DPM-Solver++(2M) (:func:`sample_dpmpp_2m`),
+on the same grid as Euler, and SD3.5 Medium optionally with skip-layer
+guidance (:class:`SkipLayerCFGDenoiser`).
+
+A seeded SD3 run starts from ``torch.randn(shape)`` drawn on the CPU right
+after ``torch.manual_seed(seed)``; ``torch.randn(shape,
+generator=torch.Generator().manual_seed(seed))`` draws the same numbers without
+touching the global generator. At ``sigma = 1`` that noise is the start ``x``.
 
 Names and formulas follow SD3's reference code (``sd3_impls.py``,
-``sd3_infer.py``) and k-diffusion.
+``sd3_infer.py``) and k-diffusion (Crowson, https://github.com/crowsonkb/k-diffusion).
 """
 
 from __future__ import annotations
@@ -232,6 +240,8 @@ def sample_euler(model: Callable, x: torch.Tensor, sigmas: torch.Tensor,
         the sample at ``sigmas[-1]`` (the clean image when it is 0), shaped like ``x``.
 
     The loop is SD3's, line for line (SD3 also autocasts to float16 on CUDA).
+    ``sigmas`` on the CPU are checked to decrease strictly to a level >= 0
+    (ValueError otherwise); on an accelerator they are not read.
     """
     _check_sampler_inputs(x, sigmas)
     extra_args = {} if extra_args is None else extra_args
@@ -286,12 +296,71 @@ def sample_heun(model: Callable, x: torch.Tensor, sigmas: torch.Tensor,
     return x
 
 
+@torch.no_grad()
+def sample_dpmpp_2m(model: Callable, x: torch.Tensor, sigmas: torch.Tensor,
+                    extra_args: dict | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M): a second-order multistep solver, one model call per step.
+
+    Lu et al. (2022), "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+    Probabilistic Models", Algorithm 2, in k-diffusion's form, which the SD3.5
+    reference code uses for SD3 and SD3.5 (Medium, Large).
+
+    It works with the *data prediction* ``D`` and the log inverse noise level
+    ``lambda = -log sigma``. The ODE ``dx/dsigma = (x - D) / sigma`` has the exact
+    solution
+
+        x_next = (sigma_next / sigma) x + sigma_next * integral of e^lambda D dlambda
+
+    (from lambda to lambda_next), and if ``D`` were constant over the step, with
+    ``h = lambda_next - lambda``,
+
+        x_next = (sigma_next / sigma) x - expm1(-h) D          (first order, = DDIM)
+
+    The "2M" variant keeps the previous step's ``D`` and extrapolates ``D``
+    linearly in lambda to the middle of the step:
+
+        D' = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1},     r = h_{i-1} / h_i
+
+    and uses ``D'`` in place of ``D``. The first step (no previous ``D``) is first
+    order, and so is a last step onto ``sigma = 0``, where ``h`` is infinite and
+    the step lands exactly on ``D``. Error ``O(h^2)`` at the cost of Euler.
+
+    Arguments and result as in :func:`sample_euler`; ``sigmas`` must be positive
+    except for a last 0.
+    """
+    _check_sampler_inputs(x, sigmas)
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    old_denoised, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma * s_in, **extra_args)
+        h = sigma.log() - sigma_next.log()  # lambda_next - lambda; infinite when sigma_next = 0
+        if old_denoised is None:
+            estimate = denoised
+        else:
+            r = h_last / h
+            estimate = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            # Onto sigma = 0 the step is first order (the formula above would be inf - inf).
+            # torch.where decides on the device, without reading sigma_next back.
+            estimate = torch.where(sigma_next > 0, estimate, denoised)
+        x = (sigma_next / sigma) * x - torch.expm1(-h) * estimate
+        old_denoised, h_last = denoised, h
+    return x
+
+
 def _check_sampler_inputs(x, sigmas) -> None:
     if not isinstance(x, torch.Tensor) or x.ndim < 1:
         raise ValueError(f"x must be a tensor of shape (B, ...), got {_describe(x)}")
     if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or len(sigmas) < 2:
         raise ValueError(f"sigmas must be a 1-D tensor of at least 2 noise levels (start and end), "
                          f"got {_describe(sigmas)}")
+    # The levels are checked where reading them is free, on the CPU; reading a GPU
+    # tensor would make the host wait for the device before every sampling run.
+    if sigmas.device.type == "cpu":
+        levels = sigmas.tolist()
+        if any(later >= earlier for earlier, later in zip(levels, levels[1:])) or levels[-1] < 0:
+            raise ValueError(f"sigmas must decrease strictly and end at a level >= 0, got {levels}")
 
 
 # ---------------------------------------------------------------------------
@@ -349,6 +418,13 @@ class CFGDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict, uncond: dict,
                 cond_scale: float) -> torch.Tensor:
+        pos_out, neg_out = self.cond_and_uncond(x, sigma, cond, uncond)
+        return neg_out + (pos_out - neg_out) * cond_scale
+
+    def cond_and_uncond(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict,
+                        uncond: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(D_cond, D_uncond)``, each shaped like ``x``, from one model call on a
+        batch of ``2B``: first the conditional half, then the unconditional one."""
         if not isinstance(cond, dict) or not isinstance(uncond, dict) or cond.keys() != uncond.keys():
             raise ValueError(f"cond and uncond must be dicts with the same keys, got "
                              f"{_keys(cond)} and {_keys(uncond)}")
@@ -361,7 +437,73 @@ class CFGDenoiser(nn.Module):
         batched = self.model(torch.cat([x, x]), torch.cat([sigma, sigma]),
                              **{name: torch.cat([cond[name], uncond[name]]) for name in cond})
         pos_out, neg_out = batched.chunk(2)
-        return neg_out + (pos_out - neg_out) * cond_scale
+        return pos_out, neg_out
+
+
+class SkipLayerCFGDenoiser(CFGDenoiser):
+    """Classifier-free guidance plus skip-layer guidance (SLG), as SD3.5 Medium's
+    reference code samples it (``--skip_layer_cfg True``).
+
+    A third prediction, the conditional one of the *same* network with some of its
+    blocks left out, serves as a deliberately worse model; the sample is pushed
+    away from it:
+
+        D = D_uncond + cond_scale (D_cond - D_uncond) + scale (D_cond - D_skip)
+
+    ``D_skip`` comes from a separate model call on the ``B`` conditional inputs
+    with ``skip_layers=skip_layers`` passed on to the network
+    (:meth:`minilib.mmdit.MMDiT.forward`). SD3.5 Medium uses blocks ``[7, 8, 9]``,
+    ``scale = 2.5`` and guides only early, between 1 % and 20 % of the steps.
+
+    When: the denoiser counts its calls, ``step = 0, 1, ...``, and adds the skip
+    term only while ``start * steps < step < end * steps`` (both strict). With
+    :func:`sample_euler` and :func:`sample_dpmpp_2m` (one call per step) ``step``
+    is the step index; ``steps`` is the number of steps of the run. A new run
+    needs a new denoiser or :meth:`reset`.
+
+    Args:
+        model: a denoiser whose network takes ``skip_layers``, e.g.
+            ``VelocityDenoiser(mmdit, timestep_scale=1000)``.
+        steps: the number of sampling steps.
+        skip_layers: the block indices to leave out.
+        scale: the SLG scale; 0 turns it off (no extra model call).
+        start, end: the guided fraction of the steps, ``0 <= start <= end <= 1``.
+
+    ``forward(x, sigma, cond, uncond, cond_scale)`` as :class:`CFGDenoiser`.
+    """
+
+    def __init__(self, model: nn.Module, steps: int, skip_layers: tuple[int, ...] | list[int] = (7, 8, 9),
+                 scale: float = 2.5, start: float = 0.01, end: float = 0.2):
+        super().__init__(model)
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        if len(skip_layers) == 0:
+            raise ValueError("skip_layers must name at least one block")
+        if scale < 0:
+            raise ValueError(f"scale must be >= 0, got {scale}")
+        if not 0 <= start <= end <= 1:
+            raise ValueError(f"need 0 <= start <= end <= 1, got start={start}, end={end}")
+        self.steps, self.skip_layers = steps, list(skip_layers)
+        self.scale, self.start, self.end = scale, start, end
+        self.step = 0
+
+    def reset(self) -> None:
+        """Start counting steps from 0 again, for a new sampling run."""
+        self.step = 0
+
+    def guides(self, step: int) -> bool:
+        """Whether the call number ``step`` adds the skip-layer term."""
+        return self.scale > 0 and self.start * self.steps < step < self.end * self.steps
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict, uncond: dict,
+                cond_scale: float) -> torch.Tensor:
+        pos_out, neg_out = self.cond_and_uncond(x, sigma, cond, uncond)
+        guided = neg_out + (pos_out - neg_out) * cond_scale
+        if self.guides(self.step):
+            skip_out = self.model(x, sigma, **cond, skip_layers=self.skip_layers)
+            guided = guided + (pos_out - skip_out) * self.scale
+        self.step += 1
+        return guided
 
 
 def _keys(value) -> str:

@@ -33,10 +33,15 @@ are kept so that SD3 / SD3.5 checkpoints load with ``strict=True``:
   scale and gate (9 modulation vectors instead of 6);
 - position embeddings are one large ``pos_embed_max_size**2`` grid of 2-D
   sin-cos vectors, cropped at the centre for each resolution (``cropped_pos_embed``);
-- optional learned "register" tokens are prepended to the context.
+- optional learned "register" tokens are prepended to the context;
+- ``forward(..., skip_layers=[7, 8, 9])`` leaves some joint blocks out, which
+  SD3.5 Medium's reference sampler uses for skip-layer guidance
+  (``flow.SkipLayerCFGDenoiser``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -265,7 +270,7 @@ class VectorEmbedder(nn.Module):
 class MMDiT(nn.Module):
     """The multimodal diffusion transformer of SD3 / SD3.5 (class ``MMDiTX`` officially).
 
-    ``forward(x, t, y, context)``:
+    ``forward(x, t, y, context, skip_layers=())``:
         x: ``(B, in_channels, H, W)`` noisy latents, H and W multiples of ``patch_size``,
             at most ``patch_size * pos_embed_max_size``; need not be square.
         t: ``(B,)`` timesteps; SD3 passes ``1000 * sigma``, sigma in [0, 1].
@@ -273,6 +278,8 @@ class MMDiT(nn.Module):
             ``adm_in_channels`` is set. ``c = t_embedder(t) + y_embedder(y)``.
         context: ``(B, L_c, context_dim)`` text tokens, required iff ``context_dim``
             is set; otherwise None or already ``(B, L_c, hidden_size)``.
+        skip_layers: indices of joint blocks to leave out (both streams pass
+            them unchanged), for skip-layer guidance; empty: the whole model.
     Returns ``(B, out_channels, H, W)`` (SD3 predicts the flow velocity).
 
     Args:
@@ -380,8 +387,11 @@ class MMDiT(nn.Module):
             raise ValueError(f"MMDiT expects context of shape ({B}, L_c, {width}), got {tuple(context.shape)}")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                context: torch.Tensor | None = None) -> torch.Tensor:
+                context: torch.Tensor | None = None, skip_layers: Sequence[int] = ()) -> torch.Tensor:
         self._check_inputs(x, t, y, context)
+        bad_layers = [i for i in skip_layers if not 0 <= i < len(self.joint_blocks)]
+        if bad_layers:
+            raise ValueError(f"skip_layers {bad_layers} are not block indices 0..{len(self.joint_blocks) - 1}")
         B, _, H, W = x.shape
         h, w = H // self.patch_size, W // self.patch_size
         x = self.x_embedder(x) + self.cropped_pos_embed(h, w)  # (B, h*w, D)
@@ -394,7 +404,9 @@ class MMDiT(nn.Module):
             context = self.context_embedder(context)  # (B, L_c, D)
         if self.register_length > 0:
             context = torch.cat((self.register.expand(B, -1, -1), context), dim=1)
-        for block in self.joint_blocks:
+        for i, block in enumerate(self.joint_blocks):
+            if i in skip_layers:  # skip-layer guidance: this block is left out
+                continue
             context, x = block(context, x, c)
         x = self.final_layer(x, c)  # (B, h*w, p*p*out_channels)
         return unpatchify(x, self.patch_size, self.out_channels, h, w)
