@@ -1,4 +1,11 @@
-"""Range checks that do not stall a GPU.
+"""Checks of arguments and inputs, one helper for each kind, used across minilib.
+
+``check_arguments`` checks the settings of constructors and samplers (sizes,
+ratios, probabilities) by rules; ``check_float_input``, ``check_index_input`` and
+``check_same_batch`` check the tensors of forward passes. Every failure is a
+``TypeError`` or ``ValueError`` that names the argument and what was expected.
+
+Range checks that do not stall a GPU.
 
 Checking that integer inputs (labels, timesteps) lie in range needs their
 values. On the CPU that is free, and a bad value gets a clear ``ValueError``
@@ -9,6 +16,11 @@ would happen at every step. There the check is queued on the device instead
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
+import math
+import numbers
 
 import torch
 
@@ -23,3 +35,131 @@ def check_range(values: torch.Tensor, low: int, high: int, what: str) -> None:
             raise ValueError(f"{message}, got min {values.min().item()} max {values.max().item()}")
     else:
         torch._assert_async(((values >= low) & (values <= high)).all(), message)
+
+
+# --- arguments ---------------------------------------------------------------------------
+#
+# One declarative check for the settings of constructors and samplers:
+#
+#     @check_arguments(hidden_size=POSITIVE_INT, mlp_ratio=POSITIVE, class_dropout_prob=PROBABILITY)
+#     def __init__(self, hidden_size, mlp_ratio=4.0, class_dropout_prob=0.1): ...
+#
+# A bad value raises a TypeError (wrong type) or a ValueError (wrong value) that names the
+# argument, its function and what was expected, before any tensor is made. NaN fails every
+# numeric rule: ``nan < 0`` is False, so the rules test for what is allowed, not for what is not.
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _describe(value) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+class Rule:
+    """A named predicate on one argument: ``rule(where, name, value)`` raises or returns None."""
+
+    def __init__(self, expected: str, is_allowed, *, integer: bool = False, allow_none: bool = False):
+        self.expected, self.is_allowed, self.integer, self.allow_none = expected, is_allowed, integer, allow_none
+
+    def __call__(self, where: str, name: str, value) -> None:
+        if value is None and self.allow_none:
+            return
+        wanted_type = isinstance(value, numbers.Integral) if self.integer else _is_real(value)
+        if isinstance(value, bool) or not wanted_type:
+            raise TypeError(f"{where}: {name} must be {self.expected}, got {_describe(value)}")
+        if not self.is_allowed(value):
+            raise ValueError(f"{where}: {name} must be {self.expected}, got {_describe(value)}")
+
+    def or_none(self) -> "Rule":
+        return Rule(self.expected + " or None", self.is_allowed, integer=self.integer, allow_none=True)
+
+
+POSITIVE_INT = Rule("a positive int", lambda v: v >= 1, integer=True)
+NON_NEGATIVE_INT = Rule("an int >= 0", lambda v: v >= 0, integer=True)
+POSITIVE = Rule("a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+NON_NEGATIVE = Rule("a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
+FINITE = Rule("a finite number", lambda v: math.isfinite(v))
+PROBABILITY = Rule("a probability in [0, 1)", lambda v: 0 <= v < 1)
+UNIT_INTERVAL = Rule("a number in [0, 1]", lambda v: 0 <= v <= 1)
+
+
+def check_arguments(**rules: Rule):
+    """Decorator: check the named arguments of a function (or ``__init__``) before it runs.
+
+    Only the arguments named here are checked, with their defaults filled in; the
+    function itself is unchanged. Relations between arguments (one size dividing
+    another) are checked in the function, with ``check_divisible``.
+    """
+    def decorate(function):
+        signature = inspect.signature(function)
+        unknown = set(rules) - set(signature.parameters)
+        if unknown:
+            raise TypeError(f"check_arguments: {function.__qualname__} has no argument(s) {sorted(unknown)}")
+        where = function.__qualname__.replace(".__init__", "")
+
+        @functools.wraps(function)
+        def checked(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            for name, rule in rules.items():
+                rule(where, name, bound.arguments[name])
+            return function(*args, **kwargs)
+
+        return checked
+
+    return decorate
+
+
+def check_divisible(where: str, name: str, value: int, by_name: str, by: int) -> None:
+    """Raise a ValueError naming both sizes unless ``by`` divides ``value``."""
+    if value % by:
+        raise ValueError(f"{where}: {name} ({value}) must be divisible by {by_name} ({by})")
+
+
+# --- tensors ----------------------------------------------------------------------------
+
+
+def check_float_input(where: str, name: str, x, ndim: int | None = None, layout: str = "",
+                      like: torch.Tensor | None = None) -> None:
+    """A floating-point tensor of rank ``ndim`` (``layout`` names its axes, e.g. "(B, C, H, W)").
+
+    With ``like`` (one of the model's parameters), its dtype must also match the model's,
+    unless autocast is on for its device (then PyTorch casts for each operation).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        hint = " (uint8 images: convert with minilib.datasets.uint8_to_unit)" if x.dtype == torch.uint8 else ""
+        raise TypeError(f"{where}: {name} must be a floating-point tensor, got dtype {x.dtype}{hint}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{where}: {name} must have {ndim} dimensions {layout}, got shape {tuple(x.shape)}")
+    if like is not None and x.dtype != like.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{where}: {name} has dtype {x.dtype} but the model's weights are {like.dtype}; "
+                        f"convert it with {name}.to({like.dtype}) (or run under torch.autocast)")
+
+
+def check_index_input(where: str, name: str, x, ndim: int, low: int, high: int) -> None:
+    """An integer tensor of rank ``ndim`` whose entries lie in ``[low, high]``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: {name} must be a torch.Tensor of ints, got {type(x).__name__}")
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{where}: {name} must be an integer tensor (torch.long), got dtype {x.dtype}")
+    if x.ndim != ndim:
+        raise ValueError(f"{where}: {name} must have {ndim} dimension(s), got shape {tuple(x.shape)}")
+    check_range(x, low, high, f"{where}: {name}")
+
+
+def check_same_batch(where: str, **tensors: torch.Tensor) -> None:
+    """All tensors have the same batch size (first dimension)."""
+    sizes = {name: len(t) for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.ndim}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{name} {size}" for name, size in sizes.items())
+        raise ValueError(f"{where}: {', '.join(sizes)} must have the same batch size, got {listed}")
+
+
+def check_finite(where: str, name: str, x: torch.Tensor) -> None:
+    """No NaN or infinity in ``x`` (checked on the CPU only: on a GPU it would wait for the device)."""
+    if x.device.type == "cpu" and not torch.isfinite(x).all():
+        raise ValueError(f"{where}: {name} contains NaN or infinite values")
