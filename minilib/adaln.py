@@ -30,6 +30,8 @@ from torch import nn
 
 from .patch_embed import PatchEmbed, get_2d_sincos_pos_embed, unpatchify
 from .timestep import LabelEmbedder, TimestepEmbedder
+from .validation import (POSITIVE, POSITIVE_INT, PROBABILITY, check_arguments, check_divisible, check_float_input,
+                         check_in_interval, check_index_input, check_same_batch)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
@@ -57,10 +59,10 @@ class Attention(nn.Module):
     a fused kernel (flash or memory-efficient) on GPU.
     """
 
+    @check_arguments(dim=POSITIVE_INT, num_heads=POSITIVE_INT)
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        check_divisible("Attention", "dim", dim, "num_heads", num_heads)
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -101,6 +103,7 @@ class DiTBlock(nn.Module):
     from ``c``. At initialisation the block is exactly the identity.
     """
 
+    @check_arguments(hidden_size=POSITIVE_INT, num_heads=POSITIVE_INT, mlp_ratio=POSITIVE)
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -141,6 +144,7 @@ class TransformerBlock(nn.Module):
     arrives as extra tokens rather than through modulation.
     """
 
+    @check_arguments(hidden_size=POSITIVE_INT, num_heads=POSITIVE_INT, mlp_ratio=POSITIVE)
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
@@ -169,12 +173,17 @@ class TinyDenoiser(nn.Module):
     ``(B,)`` to a prediction ``(B, C, H, W)``.
     """
 
+    @check_arguments(image_size=POSITIVE_INT, patch_size=POSITIVE_INT, in_channels=POSITIVE_INT,
+                     hidden_size=POSITIVE_INT, depth=POSITIVE_INT, num_heads=POSITIVE_INT, num_classes=POSITIVE_INT,
+                     class_dropout_prob=PROBABILITY)
     def __init__(self, image_size: int = 16, patch_size: int = 4, in_channels: int = 1,
                  hidden_size: int = 96, depth: int = 4, num_heads: int = 4, num_classes: int = 10,
                  class_dropout_prob: float = 0.1, conditioning: str = "adaln_zero"):
         super().__init__()
         if conditioning not in CONDITIONING_MODES:
             raise ValueError(f"conditioning must be one of {CONDITIONING_MODES}, got {conditioning!r}")
+        check_divisible("TinyDenoiser", "image_size", image_size, "patch_size", patch_size)
+        check_divisible("TinyDenoiser", "hidden_size", hidden_size, "num_heads", num_heads)
         self.conditioning = conditioning
         self.in_channels = in_channels
         self.patch_size = patch_size
@@ -193,6 +202,10 @@ class TinyDenoiser(nn.Module):
             self.linear = zero_init(nn.Linear(hidden_size, patch_size * patch_size * in_channels))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        check_float_input("TinyDenoiser", "t", t, ndim=1, layout="(B,)")
+        check_in_interval("TinyDenoiser", "t", t, 0.0, 1.0, why="rectified-flow time (not a 0..999 timestep)")
+        check_index_input("TinyDenoiser", "y", y, 1, 0, self.y_embedder.embedding_table.num_embeddings - 1)
+        check_same_batch("TinyDenoiser", x=x, t=t, y=y)
         tokens = self.x_embedder(x) + self.pos_embed  # (B, L, D)
         t_emb, y_emb = self.t_embedder(t * 1000), self.y_embedder(y)  # t in [0,1] -> DiT's 0..1000 scale
         if self.conditioning == "adaln_zero":

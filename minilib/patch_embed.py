@@ -17,16 +17,18 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from .validation import POSITIVE_INT, check_arguments, check_divisible, check_float_input
 
-def _check_image_batch(x: torch.Tensor, channels: int, patch_size: int, where: str) -> None:
-    if x.ndim != 4:
-        raise ValueError(f"{where} expects images of shape (B, C, H, W), got a tensor of rank {x.ndim} "
-                         f"with shape {tuple(x.shape)}")
-    if x.shape[1] != channels:
-        raise ValueError(f"{where} expects {channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+
+def _check_image_batch(x: torch.Tensor, channels: int | None, patch_size: int, where: str,
+                       like: torch.Tensor | None = None) -> None:
+    """Images ``(B, C, H, W)`` (any C if ``channels`` is None) whose sides ``patch_size`` divides."""
+    check_float_input(where, "x", x, ndim=4, layout="(B, C, H, W)", like=like)
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{where} expects {channels} channels in x, got {x.shape[1]} (shape {tuple(x.shape)})")
     H, W = x.shape[-2:]
     if H % patch_size or W % patch_size:
-        raise ValueError(f"{where}: image size {H}x{W} is not divisible by the patch size {patch_size}")
+        raise ValueError(f"{where}: the size of x, {H}x{W}, is not divisible by the patch size {patch_size}")
 
 
 def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -35,9 +37,7 @@ def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     ``(B, C, H, W) -> (B, L, p*p*C)``, patches in row-major order; inside a patch
     the values are ordered (row, column, channel), the layout DiT's output head uses.
     """
-    if x.ndim != 4:
-        raise ValueError(f"patchify expects (B, C, H, W), got shape {tuple(x.shape)}")
-    _check_image_batch(x, x.shape[1], patch_size, "patchify")
+    _check_image_batch(x, None, patch_size, "patchify")
     return rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=patch_size, q=patch_size)
 
 
@@ -80,6 +80,8 @@ class PatchEmbed(nn.Module):
             if None, any size divisible by p is (SD3 with cropped positions).
     """
 
+    @check_arguments(patch_size=POSITIVE_INT, in_chans=POSITIVE_INT, embed_dim=POSITIVE_INT,
+                     img_size=POSITIVE_INT.or_none())
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, img_size: int | None = None,
                  bias: bool = True):
         super().__init__()
@@ -87,16 +89,15 @@ class PatchEmbed(nn.Module):
         self.in_chans = in_chans
         self.img_size = img_size
         if img_size is not None:
-            if img_size % patch_size:
-                raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+            check_divisible("PatchEmbed", "img_size", img_size, "patch_size", patch_size)
             self.grid_size = img_size // patch_size
             self.num_patches = self.grid_size ** 2
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_image_batch(x, self.in_chans, self.patch_size[0], "PatchEmbed")
+        _check_image_batch(x, self.in_chans, self.patch_size[0], "PatchEmbed", like=self.proj.weight)
         if self.img_size is not None and tuple(x.shape[-2:]) != (self.img_size, self.img_size):
-            raise ValueError(f"PatchEmbed was built for {self.img_size}x{self.img_size} images, "
+            raise ValueError(f"PatchEmbed was built for {self.img_size}x{self.img_size} images x, "
                              f"got {x.shape[-2]}x{x.shape[-1]}")
         x = self.proj(x)  # (B, D, H/p, W/p)
         return x.flatten(2).transpose(1, 2)  # (B, L, D)

@@ -163,3 +163,48 @@ def check_finite(where: str, name: str, x: torch.Tensor) -> None:
     """No NaN or infinity in ``x`` (checked on the CPU only: on a GPU it would wait for the device)."""
     if x.device.type == "cpu" and not torch.isfinite(x).all():
         raise ValueError(f"{where}: {name} contains NaN or infinite values")
+
+
+def check_in_interval(where: str, name: str, x: torch.Tensor, low: float, high: float, why: str = "") -> None:
+    """Every entry of the float tensor ``x`` in ``[low, high]`` (NaN fails); queued on a GPU."""
+    message = f"{where}: {name} must lie in [{low}, {high}]" + (f", {why}" if why else "")
+    inside = (x >= low) & (x <= high)
+    if x.device.type == "cpu":
+        if not inside.all():
+            raise ValueError(f"{message}; got min {x.min().item()} max {x.max().item()}")
+    else:
+        torch._assert_async(inside.all(), message)
+
+
+def check_number(value, name: str, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, allow_none: bool = False) -> None:
+    """Raise unless ``value`` is a finite real number in the given range.
+
+    Args:
+        value: the argument to check.
+        name: its name, for the message (e.g. ``"grad_clip"``).
+        low, high: bounds; ``high`` is always inclusive, ``low`` inclusive unless
+            ``low_open`` (then ``value > low`` is required).
+        allow_none: accept ``None`` (e.g. "no clipping").
+
+    NaN fails every comparison, so ``nan < 0`` is False and a check written as
+    ``if value < 0: raise`` lets it through. Here finiteness is tested first.
+
+    Raises:
+        TypeError: not a real number (a string, a tensor, a bool).
+        ValueError: NaN, infinite, or out of range; the message names ``name``.
+    """
+    if value is None and allow_none:
+        return
+    none = " or None" if allow_none else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number{none}, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number{none}, got {value!r}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        left = "-inf" if low is None else f"{low:g}"
+        right = "inf" if high is None else f"{high:g}"
+        interval = f"{'(' if low_open or low is None else '['}{left}, {right}{']' if high is not None else ')'}"
+        raise ValueError(f"{name} must lie in {interval}{none}, got {value!r}")

@@ -81,7 +81,7 @@ def test_bad_inputs_raise_clear_errors():
         embed(torch.randn(3, 16, 16))
     with pytest.raises(ValueError, match="built for 16x16"):
         embed(torch.randn(1, 3, 32, 32))
-    with pytest.raises(ValueError, match="not divisible by patch_size"):
+    with pytest.raises(ValueError, match=r"img_size \(18\) must be divisible by patch_size \(4\)"):
         PatchEmbed(4, 3, 8, img_size=18)
     with pytest.raises(ValueError, match="does not fit"):
         cropped_pos_embed(torch.zeros(1, 16, 4), 4, 5, 2)
