@@ -1,8 +1,10 @@
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from reference import load_reference, module_tree, num_params, reference_tree
 
 from minilib import zoo
@@ -130,6 +132,30 @@ def test_without_text_the_context_stream_is_the_registers():
     model = small_model(context_dim=None)  # no registers either: image self-attention only
     assert first_block_inputs(model, x, t, y)[0].shape == (2, 0, 128)
     assert model(x, t, y).shape == x.shape
+
+
+class PassThrough(nn.Module):
+    """A joint block that returns both streams unchanged."""
+
+    def forward(self, context, x, c):
+        return context, x
+
+
+@pytest.mark.parametrize("skip", [[1], [0, 2], [3], [0, 1, 2, 3]])
+def test_skip_layers_leave_exactly_those_blocks_out(skip):
+    model = small_model(x_block_self_attn_layers=[1]).eval()
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # no zero layer, so every block changes the output
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    inputs = small_inputs(model, H=8, W=8)
+    without = copy.deepcopy(model)
+    for i in skip:
+        without.joint_blocks[i] = PassThrough()
+    with torch.no_grad():
+        skipped = model(*inputs, skip_layers=skip)
+        assert torch.equal(skipped, without(*inputs))
+        assert (skipped - model(*inputs)).abs().max() > 1e-3
 
 
 def test_a_few_adam_steps_reduce_the_mse():
@@ -274,6 +300,9 @@ def test_bad_configuration_raises_a_clear_error():
         small_model(x_block_self_attn_layers=[4])
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         small_model(num_heads=5)
+    with pytest.raises(ValueError, match=r"skip_layers \[4\] are not block indices 0..3"):
+        model = small_model()
+        model(*small_inputs(model, H=8, W=8), skip_layers=[1, 4])
     with pytest.raises(ValueError, match="takes no y"):
         model = small_model(adm_in_channels=None)
         x, t, y, context = small_inputs(model)
