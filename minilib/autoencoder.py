@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .validation import FINITE, POSITIVE, POSITIVE_INT, check_arguments, check_float_input
+
 
 def group_norm(channels: int, num_groups: int = 32) -> nn.GroupNorm:
     """GroupNorm with eps 1e-6 (32 groups in the official models): the autoencoder's only normalisation."""
@@ -235,9 +237,10 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.downsample_factor
-        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] % f or x.shape[3] % f:
-            raise ValueError(f"Encoder expects images (B, {self.in_channels}, H, W) with H and W divisible by "
-                             f"{f} (the downsampling factor); got {tuple(x.shape)}")
+        check_float_input("Encoder", "x", x, ndim=4, layout="(B, C, H, W)", like=self.conv_in.weight)
+        if x.shape[1] != self.in_channels or x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(f"Encoder expects images x of shape (B, {self.in_channels}, H, W) with H and W "
+                             f"divisible by {f} (the downsampling factor); got {tuple(x.shape)}")
         h = self.conv_in(x)
         for level in self.down:
             h = run_level(level, h)
@@ -281,8 +284,9 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, out_channels, kernel_size=3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if z.ndim != 4 or z.shape[1] != self.z_channels:
-            raise ValueError(f"Decoder expects latents (B, {self.z_channels}, h, w); got {tuple(z.shape)}")
+        check_float_input("Decoder", "z", z, ndim=4, layout="(B, C, h, w)", like=self.conv_in.weight)
+        if z.shape[1] != self.z_channels:
+            raise ValueError(f"Decoder expects latents z of shape (B, {self.z_channels}, h, w); got {tuple(z.shape)}")
         h = run_middle(self.mid, self.conv_in(z))
         for level in reversed(self.up):
             h = run_level(level, h)
@@ -346,14 +350,14 @@ class AutoencoderKL(nn.Module):
             channel responds (chapter 4 shows that this wipes out colour).
     """
 
+    @check_arguments(ch=POSITIVE_INT, num_res_blocks=POSITIVE_INT, z_channels=POSITIVE_INT, resolution=POSITIVE_INT,
+                     in_channels=POSITIVE_INT, norm_groups=POSITIVE_INT, scale_factor=POSITIVE, shift_factor=FINITE)
     def __init__(self, *, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int,
                  resolution: int = 256, encoder_attn_resolutions: tuple[int, ...] = (),
                  decoder_attn_resolutions: tuple[int, ...] = (), in_channels: int = 3,
                  use_quant_conv: bool = False, scale_factor: float = 1.0, shift_factor: float = 0.0,
                  norm_groups: int = 32):
         super().__init__()
-        if scale_factor == 0:
-            raise ValueError("scale_factor must be non-zero (from_latent divides by it)")
         self.z_channels, self.use_quant_conv = z_channels, use_quant_conv
         self.scale_factor, self.shift_factor = scale_factor, shift_factor
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
