@@ -566,7 +566,7 @@ def check_q_sample(fn: Callable) -> None:
          error_hint="abar = process.alphas_cumprod[t] has shape (N,): reshape it to (N, 1, 1, ...) with "
                     ".view(-1, *[1] * (x0.ndim - 1)) so it broadcasts against x0 (N, ...).",
          hint="abar = process.alphas_cumprod[t] reshaped to (N, 1, ...), then sqrt(abar) * x0 + sqrt(1 - abar) * "
-              "noise (cast abar to x0's dtype).")
+              "noise (the square roots in float64, cast to x0's dtype).")
 
 
 @_keeps_random_state
@@ -583,10 +583,20 @@ def check_ddim_step(fn: Callable) -> None:
     def reference(process, x_t, t, x0_hat):
         return process._ddim_step(x_t, t, x0_hat, torch.zeros_like(x_t), eta=0.0)
 
+    def ddim_step(x_t, x0_hat, abar, abar_prev):  # (N,) float64 abar_t and abar_{t-1}: the arithmetic in float64
+        view = (-1,) + (1,) * (x_t.ndim - 1)
+        def per_sample(values):
+            return values.to(x_t.dtype).view(view)
+        eps = (x_t - per_sample(abar.sqrt()) * x0_hat) / per_sample((1 - abar).sqrt())
+        return per_sample(abar_prev.sqrt()) * x0_hat + per_sample((1 - abar_prev).sqrt()) * eps
+
     def wraps_at_zero(process, x_t, t, x0_hat):  # abar[t - 1] reads abar[-1] at t = 0
+        return ddim_step(x_t, x0_hat, process.alphas_cumprod[t], process.alphas_cumprod[t - 1])
+
+    def float32_first(process, x_t, t, x0_hat):  # right formula, but 1 - abar_t computed in float32
         view = (-1,) + (1,) * (x_t.ndim - 1)
         abar = process.alphas_cumprod[t].float().view(view)
-        abar_prev = process.alphas_cumprod[t - 1].float().view(view)
+        abar_prev = process.alphas_cumprod_prev[t].float().view(view)
         eps = (x_t - abar.sqrt() * x0_hat) / (1 - abar).sqrt()
         return abar_prev.sqrt() * x0_hat + (1 - abar_prev).sqrt() * eps
 
@@ -600,13 +610,18 @@ def check_ddim_step(fn: Callable) -> None:
              Case("a linear schedule respaced to 50 steps, t = 0, 1, 25, 49",
                   (respaced, _randn(4, 2, 2, 2, seed=44), torch.tensor([0, 1, 25, 49]), _randn(4, 2, 2, 2, seed=45)))]
     _run(fn, cases, reference, "GaussianDiffusion._ddim_step(..., eta=0.0)", rtol=1e-4, atol=1e-4,
-         mistakes=[Mistake(wraps_at_zero, "abar_{t-1} at t = 0 is 1 (use process.alphas_cumprod_prev, or treat "
+         mistakes=[Mistake(float32_first, "compute 1 - abar_t and the square roots in float64, on "
+                                          "process.alphas_cumprod, and cast only the results to x_t's dtype: near "
+                                          "t = 0 abar_t is 0.9999..., and in float32 1 - abar_t keeps only a few "
+                                          "digits, which the step then divides by."),
+                   Mistake(wraps_at_zero, "abar_{t-1} at t = 0 is 1 (use process.alphas_cumprod_prev, or treat "
                                           "t = 0 apart): alphas_cumprod[t - 1] reads the last entry there."),
                    Mistake(same_t, "the step must move to t - 1: use abar_{t-1} (process.alphas_cumprod_prev[t]) "
                                    "for the new point.")],
          error_hint="index the schedules with t (N,) and reshape to (N, 1, ...) to broadcast against x_t.",
          hint="eps = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t), then x_{t-1} = sqrt(abar_{t-1}) x0_hat + "
-              "sqrt(1 - abar_{t-1}) eps with abar_{t-1} = process.alphas_cumprod_prev[t].")
+              "sqrt(1 - abar_{t-1}) eps with abar_{t-1} = process.alphas_cumprod_prev[t] (the square roots "
+              "computed in float64, then cast to x_t's dtype).")
 
 
 # ---------------------------------------------------------------------------

@@ -29,6 +29,15 @@ Both can run on a *respaced* schedule, a subsequence of the T timesteps
 (``GaussianDiffusion.respace``): DiT samples with 250 DDPM steps or 50 DDIM
 steps instead of 1000.
 
+The names and arguments follow the official code of Improved DDPM, which DiT
+and MAR carry as their ``diffusion`` package (``q_sample``, ``p_mean_variance``,
+``p_sample``, ``ddim_sample``, ``training_losses(model, x_start, t, ...)``,
+``space_timesteps``), and so do its numbers: every schedule table is computed
+in float64 and cast to the data's dtype only after the lookup, and the
+samplers draw their noise in the same order, so the same weights and seeds
+give the same samples to float32 rounding. The loops ``p_sample_loop`` and
+``ddim_sample_loop`` add a ``seed``.
+
 Models are called as ``model(x_t, t, **model_kwargs)`` and must return eps in
 the first C channels of their output (C = ``x_t.shape[1]``). A model that also
 predicts its variance (DiT with ``learn_sigma``) returns 2C channels. By default
@@ -53,8 +62,7 @@ which is how DiT and MAR's diffusion loss (chapter 12) are trained:
 from __future__ import annotations
 
 import math
-from functools import partial
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -105,16 +113,71 @@ def beta_schedule(name: str, num_timesteps: int = 1000) -> torch.Tensor:
     return BETA_SCHEDULES[name](num_timesteps)
 
 
-def space_timesteps(num_timesteps: int, num_steps: int) -> list[int]:
-    """``num_steps`` timesteps out of ``0 .. T-1``, evenly spaced, both ends included.
+def space_timesteps(num_timesteps: int, section_counts: int | str | Sequence[int]) -> list[int]:
+    """Which of the timesteps ``0 .. T-1`` a respaced process keeps, in increasing order.
 
-    This is guided-diffusion's ``space_timesteps(T, [num_steps])``, which DiT uses
-    (``timestep_respacing="250"``): rounded multiples of (T-1)/(num_steps-1).
+    ``section_counts`` takes the forms of DiT's ``timestep_respacing`` (guided-diffusion's
+    ``space_timesteps``):
+
+    * ``250`` or ``"250"``: 250 timesteps spread evenly from 0 to T-1, both ends
+      included (DiT samples with ``"250"``);
+    * ``"ddim50"``: the DDIM paper's fixed stride, 0, s, 2s, ... with the smallest
+      integer stride s that gives exactly 50 steps (0, 20, ..., 980 for T = 1000);
+    * ``"10,15,20"`` (or a list ``[10, 15, 20]``): T cut into 3 sections of equal
+      length (the first ``T % 3`` one step longer), with 10, 15 and 20 steps spread
+      evenly over each.
+
+    Within a section of ``size`` timesteps, ``count`` steps sit at
+    ``round(k * (size - 1) / (count - 1))``, the position summed up step by step
+    as in the official code so that its rounding (Python's ``round``, halves to
+    even) gives the same steps. Returns a list of ints.
     """
-    if not 2 <= num_steps <= num_timesteps:
-        raise ValueError(f"num_steps must be between 2 and the {num_timesteps} timesteps, got {num_steps}")
-    stride = (num_timesteps - 1) / (num_steps - 1)
-    return [round(i * stride) for i in range(num_steps)]
+    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
+    if isinstance(section_counts, str):
+        spec = section_counts.strip()
+        if spec.startswith("ddim"):
+            count = _parse_count(spec[len("ddim"):], section_counts)
+            for stride in range(1, num_timesteps):
+                if len(range(0, num_timesteps, stride)) == count:
+                    return list(range(0, num_timesteps, stride))
+            raise ValueError(f"section_counts {section_counts!r}: no integer stride gives exactly {count} "
+                             f"of the {num_timesteps} timesteps")
+        counts = [_parse_count(part, section_counts) for part in spec.split(",")]
+    elif isinstance(section_counts, int) and not isinstance(section_counts, bool):
+        counts = [section_counts]
+    elif isinstance(section_counts, (list, tuple)) and section_counts:
+        counts = [_parse_count(str(c), section_counts) if not isinstance(c, int) or isinstance(c, bool) else c
+                  for c in section_counts]
+    else:
+        raise ValueError(f"section_counts must be a number of steps (250, '250'), 'ddimN' or "
+                         f"comma-separated counts ('10,15,20'), got {section_counts!r}")
+
+    kept, start = [], 0
+    size_per_section, extra = divmod(num_timesteps, len(counts))
+    for i, count in enumerate(counts):
+        size = size_per_section + (1 if i < extra else 0)
+        if not 0 <= count <= size:
+            raise ValueError(f"section_counts {section_counts!r}: cannot take {count} steps from a section "
+                             f"of {size} of the {num_timesteps} timesteps")
+        stride = (size - 1) / (count - 1) if count > 1 else 1
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride
+        start += size
+    if not kept:
+        raise ValueError(f"section_counts {section_counts!r} keeps no timestep at all")
+    return kept
+
+
+def _parse_count(text: str, section_counts) -> int:
+    """One step count of a ``section_counts`` string, or a ValueError that quotes the whole string."""
+    text = text.strip()
+    if not text.isdigit():
+        raise ValueError(f"section_counts must be a number of steps ('250'), 'ddimN' or comma-separated "
+                         f"counts ('10,15,20'), got {section_counts!r}")
+    return int(text)
 
 
 class GaussianDiffusion:
@@ -133,8 +196,14 @@ class GaussianDiffusion:
 
     Attributes (all ``(T,)`` float64 on the CPU):
         betas, alphas_cumprod (abar_t), alphas_cumprod_prev (abar_{t-1}, with
-        abar_{-1} = 1), posterior_variance and the two posterior-mean coefficients,
-        posterior_log_variance_clipped (log b~_t with b~_0 = 0 replaced by b~_1).
+        abar_{-1} = 1), alphas_cumprod_next (abar_{t+1}, with abar_T = 0); the
+        square roots the formulas need, each computed here in float64 and cast to
+        the data's dtype only after the lookup: sqrt_alphas_cumprod,
+        sqrt_one_minus_alphas_cumprod, sqrt_recip_alphas_cumprod (1 / sqrt(abar_t)),
+        sqrt_recipm1_alphas_cumprod (sqrt(1 / abar_t - 1)), ...; the posterior
+        variance and mean coefficients, and posterior_log_variance_clipped
+        (log b~_t with b~_0 = 0 replaced by b~_1). The names are those of the
+        official code (guided-diffusion, DiT, MAR).
     """
 
     def __init__(self, betas: torch.Tensor, timestep_map: torch.Tensor | None = None, learn_sigma: bool = False):
@@ -151,19 +220,35 @@ class GaussianDiffusion:
             raise ValueError(f"timestep_map must have one entry per beta ({len(betas)}), "
                              f"got shape {tuple(self.timestep_map.shape)}")
 
+        # Every table is computed here in float64 and cast only after the lookup. Near t = 0,
+        # abar_t = 0.9999: in float32, 1 - abar_t would keep only 3 significant digits.
+        one = torch.ones(1, dtype=torch.float64, device="cpu")  # (also when built under torch.device("meta"))
+        zero = torch.zeros(1, dtype=torch.float64, device="cpu")
+        abar = torch.cumprod(1 - betas, dim=0)
         self.betas = betas
-        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
-        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64, device="cpu"),
-                                              self.alphas_cumprod[:-1]])
+        self.log_betas = betas.log()
+        self.alphas_cumprod = abar
+        self.alphas_cumprod_prev = torch.cat([one, abar[:-1]])
+        self.alphas_cumprod_next = torch.cat([abar[1:], zero])
+        self.sqrt_alphas_cumprod = abar.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1 - abar).sqrt()
+        self.sqrt_recip_alphas_cumprod = (1 / abar).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1 / abar - 1).sqrt()
+        # for DDIM: the same for abar_{t-1} and abar_{t+1}
+        self.sqrt_alphas_cumprod_prev = self.alphas_cumprod_prev.sqrt()
+        self.one_minus_alphas_cumprod_prev = 1 - self.alphas_cumprod_prev
+        self.sqrt_alphas_cumprod_next = self.alphas_cumprod_next.sqrt()
+        self.sqrt_one_minus_alphas_cumprod_next = (1 - self.alphas_cumprod_next).sqrt()
+
         # q(x_{t-1} | x_t, x_0) = N(coef_x0 x_0 + coef_xt x_t, posterior_variance)  (DDPM eq. 7)
-        self.posterior_variance = betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
+        self.posterior_variance = betas * (1 - self.alphas_cumprod_prev) / (1 - abar)
+        self.sqrt_posterior_variance = self.posterior_variance.sqrt()  # DDIM's sigma_t at eta = 1
         # b~_0 = 0: its log is clipped to log b~_1, as in Improved DDPM's code (the
         # lower end of the learned range at t = 0, where no noise is added anyway).
         self.posterior_log_variance_clipped = torch.cat([self.posterior_variance[1:2],
                                                          self.posterior_variance[1:]]).log()
-        self.posterior_mean_coef_x0 = betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
-        self.posterior_mean_coef_xt = (1 - self.alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - self.alphas_cumprod)
-        self.log_betas = betas.log()
+        self.posterior_mean_coef_x0 = betas * self.alphas_cumprod_prev.sqrt() / (1 - abar)
+        self.posterior_mean_coef_xt = (1 - self.alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - abar)
         # The tables above live on the CPU in float64; _on_device keeps a copy per (device, dtype),
         # so that a sampling loop on a GPU reads them there, without a round trip to the host.
         self._tables: dict[tuple, torch.Tensor] = {}
@@ -175,15 +260,18 @@ class GaussianDiffusion:
 
     # --- the forward process ---------------------------------------------------
 
-    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, a draw from q(x_t | x_0).
 
-        ``x0, noise: (N, ...)``, ``t: (N,)`` integer steps; returns ``(N, ...)``.
+        ``x0: (N, ...)``, ``t: (N,)`` integer steps, ``noise: (N, ...)`` eps (drawn
+        with ``torch.randn_like`` if not given); returns ``(N, ...)``.
         """
+        if noise is None:
+            noise = torch.randn_like(x0)
         if noise.shape != x0.shape:
             raise ValueError(f"noise must have x0's shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
-        abar = self._coef(self.alphas_cumprod, t, x0)
-        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        return (self._coef(self.sqrt_alphas_cumprod, t, x0) * x0
+                + self._coef(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
 
     def q_posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor,
                                   t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,9 +287,15 @@ class GaussianDiffusion:
         return mean, self._coef(self.posterior_variance, t, x_t)
 
     def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Invert the forward process: x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-        abar = self._coef(self.alphas_cumprod, t, x_t)
-        return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+        """Invert the forward process: x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t),
+        computed as ``x_t / sqrt(abar_t) - sqrt(1 / abar_t - 1) eps``. All ``(N, ...)``."""
+        return (self._coef(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+                - self._coef(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
+
+    def predict_eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The noise that leads from x0 to x_t: eps = (x_t / sqrt(abar_t) - x0) / sqrt(1 / abar_t - 1)."""
+        return ((self._coef(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0)
+                / self._coef(self.sqrt_recipm1_alphas_cumprod, t, x_t))
 
     # --- the learned variance (Improved DDPM) ----------------------------------
 
@@ -262,75 +356,189 @@ class GaussianDiffusion:
         Returns:
             a scalar tensor.
         """
-        noise, eps, vb = self._loss_terms(model, x0, model_kwargs, t, noise)
-        loss = (noise - eps).pow(2).mean()
-        return loss if vb is None else loss + vb.mean()
-
-    def training_losses(self, model: Callable, x0: torch.Tensor, model_kwargs: dict | None = None,
-                        t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The loss of each sample, as a dict of ``(N,)`` tensors (as Improved DDPM's ``training_losses``).
-
-        ``"mse"``: the mean over each sample's elements of (eps - eps_theta)^2;
-        with ``learn_sigma``, ``"vb"``: ``variational_bound_term`` at the sampled
-        t, with eps_theta detached so that it trains only the variance channels;
-        ``"loss"``: mse + vb, Improved DDPM's hybrid loss (eq. 16). Its weight
-        lambda = 0.001 on L_vlb = sum over the T = 1000 steps is folded in: the
-        sum is estimated by T times one uniformly drawn term, and lambda T = 1.
-        Arguments and random draws as in ``training_loss``.
-        """
-        noise, eps, vb = self._loss_terms(model, x0, model_kwargs, t, noise)
-        terms = {"mse": mean_flat((noise - eps) ** 2)}
-        if vb is not None:
-            terms["vb"] = vb
-        terms["loss"] = terms["mse"] + vb if vb is not None else terms["mse"]
-        return terms
-
-    def _loss_terms(self, model, x0, model_kwargs, t, noise):
-        """Draw t and noise (unless given) and return noise, eps_theta and the vb term (or None)."""
         if t is None:
             t = torch.randint(0, self.num_timesteps, (len(x0),), device=x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)
         eps, var_values = self._model_output(model, x_t, t, model_kwargs)
-        if not self.learn_sigma:
-            return noise, eps, None
-        # Learn the variance with the bound but leave the mean to the MSE (Improved DDPM, section 3.1).
-        return noise, eps, self.variational_bound_term(x0, x_t, t, eps.detach(), var_values)
+        loss = (noise - eps).pow(2).mean()
+        if self.learn_sigma:
+            loss = loss + self.variational_bound_term(x0, x_t, t, eps.detach(), var_values).mean()
+        return loss
 
-    # --- sampling ---------------------------------------------------------------
+    def training_losses(self, model: Callable, x_start: torch.Tensor, t: torch.Tensor,
+                        model_kwargs: dict | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The loss of each sample at the given steps, as a dict of ``(N,)`` tensors.
 
-    def respace(self, num_steps: int) -> GaussianDiffusion:
-        """The same process seen at only ``num_steps`` of its timesteps.
+        The arguments and keys of the official ``training_losses`` (Improved DDPM,
+        DiT, MAR), whose training scripts draw ``t = torch.randint(0, T, (N,))``
+        first; eps ~ N(0, I) is drawn here (``randn_like``) unless ``noise`` is given.
 
-        Keeping timesteps t_0 < t_1 < ... (``space_timesteps``) and their abar,
-        the short schedule's betas are b_i = 1 - abar_{t_i} / abar_{t_{i-1}}, so
-        its marginals q(x_i | x_0) are exactly the original ones at t_i, and a
-        model trained on the full schedule is still called with t_i.
+        ``"mse"``: the mean over each sample's elements of (eps - eps_theta)^2;
+        with ``learn_sigma``, ``"vb"``: ``variational_bound_term`` at t, with
+        eps_theta detached so that it trains only the variance channels;
+        ``"loss"``: mse + vb, Improved DDPM's hybrid loss (eq. 16). Its weight
+        lambda = 0.001 on L_vlb = sum over the T = 1000 steps is folded in: the
+        sum is estimated by T times one uniformly drawn term, and lambda T = 1.
+
+        Args:
+            model: ``model(x_t, t, **model_kwargs)``.
+            x_start: ``(N, C, ...)`` clean data.
+            t: ``(N,)`` integer steps.
+            model_kwargs: e.g. ``dict(y=labels)``.
+            noise: optional ``(N, C, ...)`` eps.
         """
-        kept = torch.tensor(space_timesteps(self.num_timesteps, num_steps), device="cpu")
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"t must be a (N,) tensor of integer steps (training_losses(model, x_start, t, "
+                             f"model_kwargs, noise)), got {type(t).__name__}")
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        x_t = self.q_sample(x_start, t, noise)
+        eps, var_values = self._model_output(model, x_t, t, model_kwargs)
+        terms = {"mse": mean_flat((noise - eps) ** 2)}
+        if self.learn_sigma:  # learn the variance with the bound, leave the mean to the MSE (Improved DDPM 3.1)
+            terms["vb"] = self.variational_bound_term(x_start, x_t, t, eps.detach(), var_values)
+        terms["loss"] = terms["mse"] + terms["vb"] if self.learn_sigma else terms["mse"]
+        return terms
+
+    # --- one reverse step ---------------------------------------------------------
+
+    def respace(self, section_counts: int | str | Sequence[int]) -> GaussianDiffusion:
+        """The same process seen at only some of its timesteps, ``space_timesteps(T, section_counts)``:
+        ``respace(50)``, ``respace("250")``, ``respace("ddim50")``, ``respace("10,15,20")``.
+
+        Keeping timesteps t_0 < t_1 < ... and their abar, the short schedule's
+        betas are b_i = 1 - abar_{t_i} / abar_{t_{i-1}}, so its marginals
+        q(x_i | x_0) are exactly the original ones at t_i, and a model trained on
+        the full schedule is still called with t_i.
+        """
+        kept = torch.tensor(space_timesteps(self.num_timesteps, section_counts), device="cpu")
+        if len(kept) < 2:
+            raise ValueError(f"section_counts {section_counts!r} keeps {len(kept)} timestep; "
+                             f"a respaced process needs at least 2")
         alphas_cumprod = self.alphas_cumprod[kept]
         previous = torch.cat([torch.ones(1, dtype=torch.float64, device="cpu"), alphas_cumprod[:-1]])
         return GaussianDiffusion(1 - alphas_cumprod / previous, timestep_map=self.timestep_map[kept],
                                  learn_sigma=self.learn_sigma)
 
+    def p_mean_variance(self, model: Callable, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+                        denoised_fn: Callable | None = None, model_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
+        """The model's reverse step p(x_{t-1} | x_t) and its guess of x_0 (the official ``p_mean_variance``).
+
+        Returns a dict of ``(N, C, ...)`` tensors: ``"pred_xstart"`` x0_hat (after
+        ``denoised_fn``, then clamped to [-1, 1] if ``clip_denoised``), ``"mean"``
+        the posterior mean given x0_hat, ``"variance"`` and ``"log_variance"``:
+        the fixed posterior variance b~_t (log clipped at t = 0), or with
+        ``learn_sigma`` the model's (``learned_range_log_variance``).
+        """
+        eps, var_values = self._model_output(model, x, t, model_kwargs)
+        pred_xstart = self._denoised(x, t, eps, clip_denoised, denoised_fn)
+        mean, variance = self.q_posterior_mean_variance(pred_xstart, x, t)
+        log_variance = self._model_log_variance(var_values, t, x)
+        variance = log_variance.exp() if var_values is not None else variance
+        return {"mean": mean, "variance": variance.expand_as(x), "log_variance": log_variance.expand_as(x),
+                "pred_xstart": pred_xstart}
+
+    def p_sample(self, model: Callable, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+                 denoised_fn: Callable | None = None, *, model_kwargs: dict | None = None,
+                 temperature: float = 1.0, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """One DDPM step from x_t to x_{t-1} (the official ``p_sample``, with MAR's ``temperature``).
+
+        Draws z ~ N(0, I) shaped like x at *every* step, also at t = 0 where it is
+        multiplied by 0, after the model call: the official order of random draws,
+        so that seeded runs give the same numbers. ``generator`` (default: the
+        global one, on x's device) is what it is drawn from. Returns
+        ``{"sample": x_{t-1}, "pred_xstart": x0_hat}``, both ``(N, C, ...)``.
+        """
+        eps, var_values = self._model_output(model, x, t, model_kwargs)
+        x0 = self._denoised(x, t, eps, clip_denoised, denoised_fn)
+        z = _noise_like(x, generator)
+        return {"sample": self._ddpm_step(x, t, x0, z, var_values, temperature=temperature), "pred_xstart": x0}
+
+    def ddim_sample(self, model: Callable, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+                    denoised_fn: Callable | None = None, *, model_kwargs: dict | None = None,
+                    eta: float = 0.0, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """One DDIM step from x_t to x_{t-1} (the official ``ddim_sample``); arguments as in ``p_sample``.
+
+        Like the official code it draws z at every step, even for ``eta = 0`` where
+        z is multiplied by 0. Returns ``{"sample", "pred_xstart"}``.
+        """
+        eps, _ = self._model_output(model, x, t, model_kwargs)
+        x0 = self._denoised(x, t, eps, clip_denoised, denoised_fn)
+        z = _noise_like(x, generator)
+        return {"sample": self._ddim_step(x, t, x0, z, eta=eta), "pred_xstart": x0}
+
+    def ddim_reverse_sample(self, model: Callable, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+                            denoised_fn: Callable | None = None, *,
+                            model_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
+        """One step of the deterministic DDIM ODE *forwards*, from x_t to x_{t+1} (image to noise):
+
+            x_{t+1} = sqrt(abar_{t+1}) x0_hat + sqrt(1 - abar_{t+1}) eps,   abar_T = 0.
+
+        Returns ``{"sample": x_{t+1}, "pred_xstart": x0_hat}`` (the official ``ddim_reverse_sample``, eta 0).
+        """
+        eps, _ = self._model_output(model, x, t, model_kwargs)
+        x0 = self._denoised(x, t, eps, clip_denoised, denoised_fn)
+        eps = self.predict_eps_from_x0(x, t, x0)
+        sample = (x0 * self._coef(self.sqrt_alphas_cumprod_next, t, x)
+                  + self._coef(self.sqrt_one_minus_alphas_cumprod_next, t, x) * eps)
+        return {"sample": sample, "pred_xstart": x0}
+
+    def _ddpm_step(self, x_t, t, x0, z, var_values=None, temperature=1.0):
+        """x_{t-1} = posterior mean(x0_hat, x_t) + [t > 0] sqrt(Sigma_t) z temperature."""
+        mean, _ = self.q_posterior_mean_variance(x0, x_t, t)
+        log_variance = self._model_log_variance(var_values, t, x_t)  # fixed, or learned (Improved DDPM eq. 15)
+        return mean + _nonzero(t, x_t) * torch.exp(0.5 * log_variance) * z * temperature
+
+    def _ddim_step(self, x_t, t, x0, z, var_values=None, *, eta):  # DDIM sets its own variance: var_values unused
+        """x_{t-1} = sqrt(abar_{t-1}) x0_hat + sqrt(1 - abar_{t-1} - s_t^2) eps + [t > 0] s_t z."""
+        eps = self.predict_eps_from_x0(x_t, t, x0)  # consistent with the (possibly clipped) x0_hat, as in DDIM
+        sigma = eta * self._coef(self.sqrt_posterior_variance, t, x_t)  # DDIM eq. 16: eta = 1 is DDPM's b~_t
+        eps_scale = (self._coef(self.one_minus_alphas_cumprod_prev, t, x_t) - sigma ** 2).sqrt()
+        mean = x0 * self._coef(self.sqrt_alphas_cumprod_prev, t, x_t) + eps_scale * eps
+        return mean + _nonzero(t, x_t) * sigma * z
+
+    def _denoised(self, x_t, t, eps, clip_denoised, denoised_fn):
+        """x0_hat from eps, then ``denoised_fn`` and the clamp to [-1, 1] if asked for."""
+        x0 = self.predict_x0_from_eps(x_t, t, eps)
+        if denoised_fn is not None:
+            x0 = denoised_fn(x0)
+        return x0.clamp(-1, 1) if clip_denoised else x0
+
+    def _model_log_variance(self, var_values, t, x):
+        """log b~_t (fixed small, clipped at t = 0) or, given variance channels, the learned range."""
+        if var_values is None:
+            return self._coef(self.posterior_log_variance_clipped, t, x)
+        return self.learned_range_log_variance(var_values, t)
+
+    # --- sampling loops -----------------------------------------------------------
+
     @torch.no_grad()
     def p_sample_loop(self, model: Callable, shape: tuple[int, ...], model_kwargs: dict | None = None,
                       noise: torch.Tensor | None = None, seed: int | None = None,
                       clip_denoised: bool = False, device: torch.device | str | None = None,
-                      progress: bool = False, temperature: float = 1.0) -> torch.Tensor:
+                      progress: bool = False, temperature: float = 1.0,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
         """DDPM ancestral sampling, from x_{T-1} ~ N(0, I) down to x_0.
 
-        Each step draws x_{t-1} ~ N(posterior mean(x0_hat, x_t), variance): DDPM's
-        "fixed small" posterior variance, or with ``learn_sigma`` the model's own
-        (``learned_range_log_variance``). No noise is added at the last step.
+        Each step (``p_sample``) draws x_{t-1} ~ N(posterior mean(x0_hat, x_t), variance):
+        DDPM's "fixed small" posterior variance, or with ``learn_sigma`` the model's
+        own (``learned_range_log_variance``). No noise is added at the last step.
 
         Args:
             model: ``model(x_t, t, **model_kwargs)`` predicting eps.
             shape: ``(N, C, ...)`` of the samples.
-            noise: the starting x_{T-1}; drawn from ``seed`` if not given.
+            model_kwargs: a dict, e.g. ``dict(y=labels)``. (The official
+                ``p_sample_loop`` takes ``noise`` third; here pass it by name.)
+            noise: the starting x_{T-1}; drawn if not given.
             seed: seeds all random draws, so the same seed gives the same
-                samples (noise is drawn on the CPU and moved to ``device``).
+                samples on every device (noise is drawn on the CPU and moved to
+                ``device``): the start noise if not given, then one draw per step.
+                With the global generator seeded instead (``torch.manual_seed``),
+                the draws are the same on the CPU.
+            generator: draw from this ``torch.Generator`` instead (not with
+                ``seed``), e.g. to continue a stream that drew the start noise.
             clip_denoised: clamp x0_hat to [-1, 1], for data in that range (pixels).
                 It also stops an imperfect model's eps error, multiplied by up to
                 1 / sqrt(abar_t) in x0_hat at the noisiest steps, from blowing up.
@@ -344,14 +552,14 @@ class GaussianDiffusion:
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
-        return self._sample_loop(partial(self._ddpm_step, temperature=temperature), model, shape, model_kwargs,
-                                 noise, seed, clip_denoised, device, progress)
+        return self._sample_loop(self.p_sample, model, shape, model_kwargs, noise, seed, generator, clip_denoised,
+                                 device, progress, temperature=temperature)
 
     @torch.no_grad()
     def ddim_sample_loop(self, model: Callable, shape: tuple[int, ...], model_kwargs: dict | None = None,
                          noise: torch.Tensor | None = None, seed: int | None = None, eta: float = 0.0,
                          clip_denoised: bool = False, device: torch.device | str | None = None,
-                         progress: bool = False) -> torch.Tensor:
+                         progress: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         """DDIM sampling (Song et al. 2021, eq. 12); ``eta=0`` is deterministic given the start noise.
 
         ``eta`` scales the noise added per step, s_t = eta sqrt((1 - abar_{t-1}) /
@@ -360,16 +568,22 @@ class GaussianDiffusion:
         """
         if not 0 <= eta <= 1:
             raise ValueError(f"eta must lie in [0, 1], got {eta}")
-        return self._sample_loop(partial(self._ddim_step, eta=eta), model, shape, model_kwargs, noise, seed,
-                                 clip_denoised, device, progress)
+        return self._sample_loop(self.ddim_sample, model, shape, model_kwargs, noise, seed, generator, clip_denoised,
+                                 device, progress, eta=eta)
 
-    def _sample_loop(self, step: Callable, model, shape, model_kwargs, noise, seed, clip_denoised,
-                     device, progress):
-        """The loop both samplers share; ``step(x_t, t, x0_hat, z, var_values)`` returns x_{t-1}."""
+    def _sample_loop(self, sample_step: Callable, model, shape, model_kwargs, noise, seed, generator,
+                     clip_denoised, device, progress, **step_options):
+        """The loop both samplers share: ``x = sample_step(model, x, t, ...)["sample"]`` for t = T-1 .. 0."""
+        if model_kwargs is not None and not isinstance(model_kwargs, dict):
+            raise ValueError(f"model_kwargs must be a dict of keyword arguments for the model, got "
+                             f"{type(model_kwargs).__name__} (pass the start noise as noise=...)")
+        if seed is not None and generator is not None:
+            raise ValueError("give seed or generator, not both")
         device = _sampling_device(model, noise, device)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        if seed is not None:
+            generator = torch.Generator().manual_seed(seed)
         if noise is None:
-            noise = torch.randn(shape, generator=generator).to(device)
+            noise = _standard_normal(tuple(shape), device, torch.float32, generator)
         elif tuple(noise.shape) != tuple(shape):
             raise ValueError(f"noise has shape {tuple(noise.shape)} but shape {tuple(shape)} was asked for")
         x = noise.to(device)
@@ -379,33 +593,16 @@ class GaussianDiffusion:
             steps = tqdm(steps, total=self.num_timesteps, desc="sampling", unit="step")
         for i in steps:
             t = torch.full((len(x),), i, device=device, dtype=torch.long)
-            eps, var_values = self._model_output(model, x, t, model_kwargs)
-            x0 = self.predict_x0_from_eps(x, t, eps)
-            if clip_denoised:
-                x0 = x0.clamp(-1, 1)
-            z = _noise_like(x, generator) if i > 0 else torch.zeros_like(x)
-            x = step(x, t, x0, z, var_values)
+            x = sample_step(model, x, t, clip_denoised, model_kwargs=model_kwargs, generator=generator,
+                            **step_options)["sample"]
         return x
-
-    def _ddpm_step(self, x_t, t, x0, z, var_values=None, temperature=1.0):
-        mean, variance = self.q_posterior_mean_variance(x0, x_t, t)
-        if self.learn_sigma:  # the model's variance (Improved DDPM eq. 15)
-            variance = self.learned_range_log_variance(var_values, t).exp()
-        return mean + temperature * variance.sqrt() * z
-
-    def _ddim_step(self, x_t, t, x0, z, var_values=None, *, eta):  # DDIM sets its own variance: var_values unused
-        abar = self._coef(self.alphas_cumprod, t, x_t)
-        abar_prev = self._coef(self.alphas_cumprod_prev, t, x_t)
-        # eps consistent with the (possibly clipped) x0_hat, as in the DDIM code
-        eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
-        sigma = eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()
-        return abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).sqrt() * eps + sigma * z
 
     def _coef(self, values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``values[t]`` shaped ``(N, 1, 1, ...)`` to broadcast against ``x (N, ...)``, in x's dtype and device.
 
-        ``values`` is one of this process's ``(T,)`` tables; the copy on x's device
-        is made once and kept, so the lookup never waits for the GPU."""
+        ``values`` is one of this process's float64 ``(T,)`` tables. Casting the
+        table, then looking up, gives the same numbers as looking up, then casting;
+        the copy on x's device is made once and kept, so the lookup never waits for the GPU."""
         _check_timesteps(t, x, len(values))
         return self._on_device(values, x.device, x.dtype)[t].view(-1, *([1] * (x.ndim - 1)))
 
@@ -510,19 +707,31 @@ def _check_timesteps(t: torch.Tensor, x: torch.Tensor, num_timesteps: int) -> No
     check_range(t, 0, num_timesteps - 1, "timesteps")
 
 
-def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise shaped like x, on x's device.
+def _nonzero(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """1 where t > 0 and 0 at t = 0, shaped ``(N, 1, ...)`` like x: no noise is added at the last step."""
+    return (t != 0).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
 
-    Without a generator it is drawn on the device. With one (a CPU generator, so
-    that a seed gives the same samples on every device), it is drawn on the CPU
-    and copied from pinned memory without blocking, so the loop need not wait
-    for the GPU to finish its queue."""
+
+def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like x, in x's dtype, on x's device (see ``_standard_normal``)."""
+    return _standard_normal(x.shape, x.device, x.dtype, generator)
+
+
+def _standard_normal(shape, device: torch.device, dtype: torch.dtype,
+                     generator: torch.Generator | None) -> torch.Tensor:
+    """N(0, I) noise of ``shape`` on ``device``.
+
+    Without a generator it is drawn on the device from the global generator (as
+    ``torch.randn_like`` in the official code). With one (a CPU generator, so
+    that a seed gives the same samples on every device), it is drawn on the
+    generator's device and, from the CPU, copied from pinned memory without
+    blocking, so the loop need not wait for the GPU to finish its queue."""
     if generator is None:
-        return torch.randn(x.shape, device=x.device, dtype=x.dtype)
-    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
-    if x.device.type == "cuda":
-        return noise.pin_memory().to(x.device, non_blocking=True)
-    return noise.to(x.device)
+        return torch.randn(shape, device=device, dtype=dtype)
+    noise = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+    if noise.device.type == "cpu" and device.type == "cuda":
+        return noise.pin_memory().to(device, non_blocking=True)
+    return noise.to(device)
 
 
 def _sampling_device(model, noise, device) -> torch.device:

@@ -52,12 +52,22 @@ class DiT(nn.Module):
             during training, for classifier-free guidance.
         num_classes: number of labels; the label table has one more row (the null class).
         learn_sigma: also predict the variance, doubling the output channels.
+        guided_channels: how many of the ``in_channels`` eps channels
+            ``forward_with_cfg`` guides; None (default) guides them all. The
+            official code guides the first 3 only (see ``forward_with_cfg``):
+            ``guided_channels=3`` samples its checkpoints exactly as it does.
     """
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
-                 class_dropout_prob: float = 0.1, num_classes: int = 1000, learn_sigma: bool = True):
+                 class_dropout_prob: float = 0.1, num_classes: int = 1000, learn_sigma: bool = True,
+                 guided_channels: int | None = None):
         super().__init__()
+        if guided_channels is not None and (isinstance(guided_channels, bool) or not isinstance(guided_channels, int)
+                                            or not 1 <= guided_channels <= in_channels):
+            raise ValueError(f"guided_channels must be None or an int from 1 to in_channels = {in_channels}, "
+                             f"got {guided_channels!r}")
+        self.guided_channels = guided_channels
         self.in_channels = in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.patch_size = patch_size
@@ -134,23 +144,27 @@ class DiT(nn.Module):
             eps = eps_u + cfg_scale * (eps_c - eps_u)
 
         (scale 1: plain conditional; larger: further from the unconditional).
-        Guidance acts on the C eps channels only; the variance channels are
-        passed through. (The official code guides only the first 3 of the 4
-        latent channels, an acknowledged quirk kept there for reproducibility;
-        here all ``in_channels`` are guided.)
+        Guidance acts on the eps channels only; the variance channels are passed
+        through. By default all ``in_channels`` eps channels are guided. The
+        official code (``models.py``, ``DiT.forward_with_cfg``) guides only the
+        first 3 of the 4 latent channels and passes the 4th through with the
+        variances, a slip its authors kept so that their published samples stay
+        reproducible; build with ``guided_channels=3`` (as the zoo's official
+        DiTs do) to sample exactly like it.
 
         Args:
             x: ``(2M, C, H, W)``; only the first half is read.
             t, y: ``(2M,)``; ``y[M:]`` is normally the null class.
         Returns:
-            ``(2M, out_channels, H, W)``, the two halves equal.
+            ``(2M, out_channels, H, W)``, the two halves equal in the guided channels.
         """
         if len(x) % 2:
             raise ValueError(f"forward_with_cfg expects a batch of conditional then unconditional "
                              f"halves, got an odd batch size {len(x)}")
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half]), t, y)
-        eps, rest = out[:, :self.in_channels], out[:, self.in_channels:]
+        guided = self.in_channels if self.guided_channels is None else self.guided_channels
+        eps, rest = out[:, :guided], out[:, guided:]
         cond_eps, uncond_eps = eps.chunk(2)
-        guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        return torch.cat([torch.cat([guided, guided]), rest], dim=1)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        return torch.cat([torch.cat([half_eps, half_eps]), rest], dim=1)

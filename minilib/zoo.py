@@ -73,10 +73,12 @@ register(ZooEntry(
 
 
 # Chapter 5: the diffusion transformer at full size (256 px: 32x32x4 latents, learned sigma).
+# guided_channels=3: classifier-free guidance as the official code applies it (first 3 of the 4
+# latent channels, see DiT.forward_with_cfg), so that official checkpoints sample as they do there.
 for _name, _width, _depth, _heads in [("dit-s-2", 384, 12, 6), ("dit-b-2", 768, 12, 12), ("dit-xl-2", 1152, 28, 16)]:
     register(ZooEntry(
         _name, "minilib.dit:DiT",
-        dict(input_size=32, patch_size=2, hidden_size=_width, depth=_depth, num_heads=_heads),
+        dict(input_size=32, patch_size=2, hidden_size=_width, depth=_depth, num_heads=_heads, guided_channels=3),
         DIT_PAPER, f"{_name.upper().replace('-2', '/2')}: 256 px (32x32x4 latents), learned sigma",
         reference=_name.replace("-", "_") + ".json"))
 

@@ -229,14 +229,28 @@ def test_q_sample_mistakes():
     fails_with(checks.check_q_sample, unshaped, "raised RuntimeError", "(N, 1, 1, ...)")
 
 
-def test_ddim_step_needs_abar_minus_one_equal_to_one():
-    def wraps(process, x_t, t, x0):
-        abar = process.alphas_cumprod[t].float().view(-1, *[1] * (x_t.ndim - 1))
-        prev = process.alphas_cumprod[t - 1].float().view(-1, *[1] * (x_t.ndim - 1))
-        eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
-        return prev.sqrt() * x0 + (1 - prev).sqrt() * eps
+def ddim_step_with(prev_of, float64=True):
+    def step(process, x_t, t, x0):
+        def per_sample(values):
+            return (values if float64 else values.float()).to(x_t.dtype).view(-1, *[1] * (x_t.ndim - 1))
+        abar, prev = process.alphas_cumprod[t], prev_of(process, t)
+        if not float64:
+            abar, prev = per_sample(abar), per_sample(prev)
+        eps = (x_t - per_sample(abar.sqrt()) * x0) / per_sample((1 - abar).sqrt())
+        return per_sample(prev.sqrt()) * x0 + per_sample((1 - prev).sqrt()) * eps
+    return step
 
+
+def test_ddim_step_needs_abar_minus_one_equal_to_one():
+    wraps = ddim_step_with(lambda process, t: process.alphas_cumprod[t - 1])
     fails_with(checks.check_ddim_step, wraps, "t = 0 is 1", "input 2 of 3")
+    checks.check_ddim_step(ddim_step_with(lambda process, t: process.alphas_cumprod_prev[t]))
+
+
+def test_ddim_step_in_float32_is_told_to_compute_in_float64():
+    """1 - abar_t in float32 at t = 1 of the cosine schedule loses digits the step divides by."""
+    float32_first = ddim_step_with(lambda process, t: process.alphas_cumprod_prev[t], float64=False)
+    fails_with(checks.check_ddim_step, float32_first, "in float64", "input 1 of 3")
 
 
 # --- chapter 6 --------------------------------------------------------------

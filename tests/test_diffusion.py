@@ -43,8 +43,44 @@ def test_bad_schedule_arguments():
         GaussianDiffusion(torch.tensor([0.1, 0.0]))
     with pytest.raises(ValueError, match=r"betas must lie in \(0, 1\)"):
         GaussianDiffusion(torch.tensor([0.1, 1.0]))
-    with pytest.raises(ValueError, match="num_steps must be between 2 and the 10"):
+    with pytest.raises(ValueError, match="cannot take 11 steps from a section of 10"):
         space_timesteps(10, 11)
+
+
+def test_space_timesteps_takes_the_official_forms():
+    assert space_timesteps(1000, "ddim10") == list(range(0, 1000, 100))
+    assert space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
+    assert space_timesteps(1000, "ddim3") == [0, 334, 668]  # the smallest stride giving exactly 3 steps
+    assert space_timesteps(1000, "50") == space_timesteps(1000, 50) == space_timesteps(1000, [50])
+    assert space_timesteps(1000, "250")[:3] == [0, 4, 8] and space_timesteps(1000, 250)[-1] == 999
+    # "10,15,20" of 300: sections 0..99, 100..199, 200..299, each spread over its own length
+    three = space_timesteps(300, "10,15,20")
+    assert len(three) == 45 and three == sorted(set(three))
+    assert three[:10] == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99]
+    assert three[10] == 100 and three[24] == 199 and three[25] == 200 and three[-1] == 299
+    assert space_timesteps(10, "2,3") == [0, 4, 5, 7, 9]  # sections of 5 and 5
+    assert space_timesteps(11, "1,1") == [0, 6]  # the first section is one step longer
+    # the step positions are summed up step by step (the official rounding), not multiplied:
+    # 0.1 * 3 != 0.1 + 0.1 + 0.1 in floating point, which changes round() at the halves
+    assert space_timesteps(2 + 1, "3") == [0, 1, 2]
+    d = GaussianDiffusion(beta_schedule("linear", 1000))
+    assert d.respace("ddim25").timestep_map.tolist() == list(range(0, 1000, 40))
+    assert d.respace("10,15,20").num_timesteps == 45
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("ddim", "section_counts must be"), ("ddimx", "section_counts must be"), ("ten", "section_counts must be"),
+    ("10,,5", "section_counts must be"), ("-5", "section_counts must be"), (2.5, "section_counts must be"),
+    ("ddim700", "no integer stride gives exactly 700"), ("0", "keeps no timestep"),
+    ("600,600", "cannot take 600 steps from a section of 500"), ([], "section_counts must be")])
+def test_space_timesteps_rejects_bad_specs(bad, message):
+    with pytest.raises(ValueError, match=message):
+        space_timesteps(1000, bad)
+
+
+def test_respace_needs_two_steps():
+    with pytest.raises(ValueError, match="at least 2"):
+        GaussianDiffusion(beta_schedule("linear", 1000)).respace("1")
 
 
 def test_q_sample_marginals():
@@ -75,6 +111,30 @@ def test_posterior_is_bayes_on_a_1d_gaussian():
         got_mean, got_var = diffusion.q_posterior_mean_variance(x0, x_t, torch.tensor([step]))
         assert got_mean.item() == pytest.approx(mean.item(), abs=1e-6)
         assert got_var.item() == pytest.approx(var.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tables_are_float64_until_looked_up(dtype):
+    """Near t = 0, 1 - abar_t = 1e-4: computed in float32 (or bf16) after the lookup it keeps few digits."""
+    diffusion = GaussianDiffusion(beta_schedule("linear", 1000))
+    t = torch.tensor([0, 1, 500])
+    x = diffusion.q_sample(torch.zeros(3, dtype=dtype), t, torch.ones(3, dtype=dtype))
+    exact = (1 - diffusion.alphas_cumprod[t]).sqrt()  # float64
+    assert x.dtype == dtype and torch.equal(x, exact.to(dtype))  # rounded once, at the end
+    naive = (1 - diffusion.alphas_cumprod[t].to(dtype)).sqrt()  # rounded, then 1 - abar
+    assert (naive[0] - 0.01).abs() > 50 * (x[0] - 0.01).abs()
+
+
+def test_x0_from_eps_near_t0_is_as_precise_as_float32():
+    diffusion = GaussianDiffusion(beta_schedule("linear", 1000))
+    t = torch.tensor([0, 1])
+    x0, eps = torch.full((2,), 0.3), torch.full((2,), -1.7)
+    x_t = diffusion.q_sample(x0, t, eps)
+    torch.testing.assert_close(diffusion.predict_x0_from_eps(x_t, t, eps), x0, rtol=3e-7, atol=0)
+    torch.testing.assert_close(diffusion.predict_eps_from_x0(x_t, t, x0), eps, rtol=1e-4, atol=0)
+    abar = diffusion.alphas_cumprod[t].float()  # the same in float32 after the lookup: 10x worse
+    naive = (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+    assert (naive - x0).abs().max() > 1e-6
 
 
 def test_predict_x0_inverts_q_sample():
@@ -225,3 +285,94 @@ def test_bad_inputs_are_explained():
         diffusion.ddim_sample_loop(lambda x, t: x, (2, 3), noise=torch.zeros(2, 4))
     with pytest.raises(ValueError, match="eta must lie in"):
         diffusion.ddim_sample_loop(lambda x, t: x, (2, 3), eta=-1.0)
+
+
+def wobbly_model(x_t, t):
+    """Not an oracle: the path depends on every draw. Returns eps and variance values in [-1, 1]."""
+    return torch.cat([torch.tanh(x_t) * (t.float().view(-1, 1) / 1000), torch.sin(3 * x_t)], 1)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_samplers_draw_once_per_step_also_at_the_last(sampler):
+    """The official p_sample and ddim_sample draw randn_like(x) at every step, t = 0 and eta = 0 included,
+    so whatever the global generator draws next is the same after minilib's loop as after theirs."""
+    diffusion = GaussianDiffusion(beta_schedule("linear", 1000), learn_sigma=True).respace(5)
+    loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
+    torch.manual_seed(3)
+    loop(wobbly_model, (4, 2))
+    after = torch.randn(3)
+    torch.manual_seed(3)
+    for _ in range(1 + 5):  # the start noise, then one draw per step
+        torch.randn(4, 2)
+    assert torch.equal(after, torch.randn(3))
+
+
+def test_seeded_loop_is_the_global_generators_stream():
+    """seed=s draws from torch.Generator().manual_seed(s): on the CPU the same numbers as torch.manual_seed(s)."""
+    diffusion = GaussianDiffusion(beta_schedule("linear", 1000), learn_sigma=True).respace(6)
+    seeded = diffusion.p_sample_loop(wobbly_model, (4, 2), seed=11, temperature=0.8)
+    torch.manual_seed(11)
+    torch.testing.assert_close(diffusion.p_sample_loop(wobbly_model, (4, 2), temperature=0.8), seeded, rtol=0, atol=0)
+    # a generator that drew the start noise itself continues its stream (DiT's sample.py: z, then cat([z, z]))
+    generator = torch.Generator().manual_seed(11)
+    start = torch.randn(4, 2, generator=generator)
+    again = diffusion.p_sample_loop(wobbly_model, (4, 2), noise=start, generator=generator, temperature=0.8)
+    torch.testing.assert_close(again, seeded, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="seed or generator, not both"):
+        diffusion.p_sample_loop(wobbly_model, (4, 2), seed=1, generator=generator)
+    with pytest.raises(ValueError, match="model_kwargs must be a dict"):
+        diffusion.p_sample_loop(wobbly_model, (4, 2), start)  # the official loop's third argument is the noise
+
+
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_single_steps_make_up_the_loops(learn_sigma):
+    diffusion = GaussianDiffusion(beta_schedule("cosine", 1000), learn_sigma=learn_sigma).respace("ddim4")
+    x = start = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    y = start.clone()
+    generator, other = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for i in reversed(range(4)):
+        t = torch.full((4,), i)
+        out = diffusion.p_mean_variance(wobbly_model, x, t, clip_denoised=False)
+        step = diffusion.p_sample(wobbly_model, x, t, clip_denoised=False, generator=generator)
+        torch.testing.assert_close(step["pred_xstart"], out["pred_xstart"])
+        z = torch.randn(4, 2, generator=other)
+        expected = out["mean"] + (0.5 * out["log_variance"]).exp() * z * (i > 0)
+        torch.testing.assert_close(step["sample"], expected)
+        assert set(out) == {"mean", "variance", "log_variance", "pred_xstart"}
+        assert all(v.shape == x.shape for v in out.values())
+        if i > 0 or learn_sigma:  # (the fixed b~_0 = 0 has its log clipped to log b~_1)
+            torch.testing.assert_close(out["variance"], out["log_variance"].exp())
+        x = step["sample"]
+        y = diffusion.ddim_sample(wobbly_model, y, t, clip_denoised=True)["sample"]  # eta 0: any noise
+    torch.testing.assert_close(x, diffusion.p_sample_loop(wobbly_model, (4, 2), noise=start, seed=1))
+    loop_ddim = diffusion.ddim_sample_loop(wobbly_model, (4, 2), noise=start, clip_denoised=True)
+    torch.testing.assert_close(y, loop_ddim)
+
+
+def test_ddim_reverse_sample_follows_the_forward_process_with_an_oracle():
+    """With the exact eps, one deterministic step forwards from q_sample(x*, i, e) is q_sample(x*, i + 1, e)."""
+    diffusion = GaussianDiffusion(beta_schedule("linear", 1000)).respace("ddim20")
+    model = oracle_model(GaussianDiffusion(beta_schedule("linear", 1000)))
+    x_star, e = X_STAR.expand(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    x = diffusion.q_sample(x_star, torch.zeros(3, dtype=torch.long), e)
+    for i in range(20):
+        out = diffusion.ddim_reverse_sample(model, x, torch.full((3,), i), clip_denoised=False)
+        torch.testing.assert_close(out["pred_xstart"], x_star, atol=2e-4, rtol=0)
+        x = out["sample"]
+        expected = diffusion.q_sample(x_star, torch.full((3,), i + 1), e) if i < 19 else e  # abar_T = 0
+        torch.testing.assert_close(x, expected, atol=3e-4, rtol=0)
+
+
+def test_training_losses_takes_t_third_as_the_official_one():
+    diffusion = GaussianDiffusion(beta_schedule("linear", 1000), learn_sigma=True)
+    x0, noise, t = torch.rand(4, 2) * 2 - 1, torch.randn(4, 2), torch.tensor([0, 1, 500, 999])
+    terms = diffusion.training_losses(wobbly_model, x0, t, None, noise)
+    assert set(terms) == {"loss", "mse", "vb"} and all(v.shape == (4,) for v in terms.values())
+    x_t = diffusion.q_sample(x0, t, noise)
+    eps, v = wobbly_model(x_t, t).chunk(2, dim=1)
+    torch.testing.assert_close(terms["mse"], ((noise - eps) ** 2).mean(1))
+    torch.testing.assert_close(terms["vb"], diffusion.variational_bound_term(x0, x_t, t, eps, v))
+    torch.testing.assert_close(terms["loss"], terms["mse"] + terms["vb"])
+    assert terms["vb"][0] > 0  # the decoder NLL at t = 0
+    with pytest.raises(ValueError, match="t must be a"):
+        diffusion.training_losses(wobbly_model, x0, dict(y=1))

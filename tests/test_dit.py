@@ -95,6 +95,38 @@ def test_cfg_with_scale_one_is_the_conditional_prediction():
         model.forward_with_cfg(x[:1], t[:1], y[:1], 2.0)
 
 
+def test_guided_channels_3_guides_as_the_official_code():
+    """The official forward_with_cfg guides eps channels 0-2 only; channel 3 keeps each half's own value."""
+    model = perturb(tiny_dit(in_channels=4, guided_channels=3)).eval()
+    x, t, y = inputs(2, channels=4)
+    x2, t2, y2 = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 5)])
+    raw = model(x2, t2, y2)
+    cond, uncond = raw.chunk(2)
+    out = model.forward_with_cfg(x2, t2, y2, cfg_scale=4.0)
+    guided = uncond[:, :3] + 4 * (cond[:, :3] - uncond[:, :3])
+    torch.testing.assert_close(out[:, :3], torch.cat([guided, guided]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, 3:], raw[:, 3:], rtol=0, atol=0)  # channel 3 and the variances: unguided
+    assert not torch.allclose(out[:2, 3], out[2:, 3])
+    model.guided_channels = None  # the default: all 4 guided
+    every = model.forward_with_cfg(x2, t2, y2, cfg_scale=4.0)
+    torch.testing.assert_close(every[:2, :4], uncond[:, :4] + 4 * (cond[:, :4] - uncond[:, :4]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(every[:, :3], out[:, :3], rtol=0, atol=0)
+
+
+def test_zoo_builds_the_official_dits_with_their_guidance():
+    from minilib import zoo
+    for name in ["dit-s-2", "dit-b-2", "dit-xl-2"]:
+        with torch.device("meta"):
+            assert zoo.build(name).guided_channels == 3, name
+    assert tiny_dit().guided_channels is None
+
+
+@pytest.mark.parametrize("bad", [0, 4, 2.0, True])
+def test_bad_guided_channels(bad):
+    with pytest.raises(ValueError, match="guided_channels must be None or an int from 1 to in_channels = 3"):
+        tiny_dit(guided_channels=bad)
+
+
 def test_label_dropout_only_in_training():
     model = perturb(tiny_dit(class_dropout_prob=0.5))
     x, t, _ = inputs(1)
