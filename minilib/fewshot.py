@@ -44,6 +44,7 @@ from .adaln import DiTBlock, FinalLayer, Mlp, zero_init
 from .diffusion import GaussianDiffusion, classifier_free_guidance
 from .patch_embed import PatchEmbed, get_2d_sincos_pos_embed, patchify, unpatchify
 from .timestep import TimestepEmbedder
+from .validation import POSITIVE, POSITIVE_INT, PROBABILITY, check_arguments, check_divisible
 
 CONDITIONING_MODES = ("film", "tokens")
 CONTEXT_MODES = ("deterministic", "variational")
@@ -182,11 +183,13 @@ class SetViT(nn.Module):
         depth, num_heads, mlp_ratio: the transformer.
     """
 
+    @check_arguments(image_size=POSITIVE_INT, patch_size=POSITIVE_INT, in_channels=POSITIVE_INT, dim=POSITIVE_INT,
+                     depth=POSITIVE_INT, num_heads=POSITIVE_INT, mlp_ratio=POSITIVE)
     def __init__(self, image_size: int = 32, patch_size: int = 2, in_channels: int = 3, dim: int = 384,
                  depth: int = 6, num_heads: int = 6, mlp_ratio: float = 4.0):
         super().__init__()
-        if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+        check_divisible("SetViT", "image_size", image_size, "patch_size", patch_size)
+        check_divisible("SetViT", "dim", dim, "num_heads", num_heads)
         self.image_size = image_size
         self.in_channels = in_channels
         self.num_patches = (image_size // patch_size) ** 2
@@ -325,6 +328,11 @@ class VFSDDPM(nn.Module):
     ``model_kwargs=dict(context=model.encode(support)[0])``.
     """
 
+    @check_arguments(image_size=POSITIVE_INT, in_channels=POSITIVE_INT, patch_size=POSITIVE_INT,
+                     hidden_size=POSITIVE_INT, depth=POSITIVE_INT, num_heads=POSITIVE_INT, mlp_ratio=POSITIVE,
+                     hdim=POSITIVE_INT, encoder_depth=POSITIVE_INT, encoder_heads=POSITIVE_INT.or_none(),
+                     encoder_mlp_ratio=POSITIVE, encoder_patch_size=POSITIVE_INT.or_none(), sample_size=POSITIVE_INT,
+                     context_dropout_prob=PROBABILITY)
     def __init__(self, image_size: int = 32, in_channels: int = 3, patch_size: int = 2, hidden_size: int = 384,
                  depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, hdim: int = 384,
                  encoder_depth: int = 6, encoder_heads: int | None = None, encoder_mlp_ratio: float = 4.0,
@@ -336,8 +344,8 @@ class VFSDDPM(nn.Module):
         if sample_size < 2:
             raise ValueError(f"leave-one-out training needs sets of at least 2 images, "
                              f"got sample_size={sample_size}")
-        if not 0.0 <= context_dropout_prob < 1.0:
-            raise ValueError(f"context_dropout_prob must be in [0, 1), got {context_dropout_prob}")
+        check_divisible("VFSDDPM", "image_size", image_size, "patch_size", patch_size)
+        check_divisible("VFSDDPM", "hidden_size", hidden_size, "num_heads", num_heads)
         self.context_dropout_prob = context_dropout_prob
         self.sample_size = sample_size
         self.context_mode = context

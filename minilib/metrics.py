@@ -29,6 +29,7 @@ from torch import nn
 
 from minilib.datasets import ImageDataset, ShapesDataset, infinite_batches, load_digits
 from minilib.training import History, load_or_train, read_checkpoint, train
+from minilib.validation import POSITIVE_INT, check_arguments
 
 # ---------------------------------------------------------------------------
 # The classifier
@@ -66,11 +67,11 @@ class Oracle(nn.Module):
     training (NaN before), so it is saved and loaded with the weights.
     """
 
+    @check_arguments(in_channels=POSITIVE_INT, num_classes=POSITIVE_INT, width=POSITIVE_INT, feature_dim=POSITIVE_INT)
     def __init__(self, in_channels: int, num_classes: int, width: int = 16, feature_dim: int = 128):
         super().__init__()
-        if in_channels < 1 or num_classes < 2:
-            raise ValueError(f"an oracle needs in_channels >= 1 and num_classes >= 2, got "
-                             f"in_channels={in_channels}, num_classes={num_classes}")
+        if num_classes < 2:
+            raise ValueError(f"an oracle needs num_classes >= 2, got num_classes={num_classes}")
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.body = nn.Sequential(_conv_block(in_channels, width), _conv_block(width, 2 * width),

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .datasets import VOCAB
+from .validation import POSITIVE_INT, check_arguments, check_divisible
 
 PAD_ID = 0  # VOCAB[0] == "<pad>"
 
@@ -48,11 +49,12 @@ class TextEncoder(nn.Module):
     the real tokens unchanged.
     """
 
+    @check_arguments(dim=POSITIVE_INT, depth=POSITIVE_INT, num_heads=POSITIVE_INT, max_length=POSITIVE_INT,
+                     vocab_size=POSITIVE_INT)
     def __init__(self, dim: int = 64, depth: int = 2, num_heads: int = 4, max_length: int = 8,
                  vocab_size: int = len(VOCAB)):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        check_divisible("TextEncoder", "dim", dim, "num_heads", num_heads)
         self.dim = dim
         self.max_length = max_length
         self.vocab_size = vocab_size
