@@ -239,20 +239,19 @@ def sample_euler(model: Callable, x: torch.Tensor, sigmas: torch.Tensor,
     Returns:
         the sample at ``sigmas[-1]`` (the clean image when it is 0), shaped like ``x``.
 
-    The loop is SD3's, line for line (SD3 also autocasts to float16 on CUDA).
-    ``sigmas`` on the CPU are checked to decrease strictly to a level >= 0
-    (ValueError otherwise); on an accelerator they are not read.
+    The arithmetic is that of SD3's ``sample_euler`` (k-diffusion's), operation for
+    operation, so with the same denoiser a seeded run gives the same float32
+    numbers (SD3 also autocasts to float16 on CUDA). ``sigmas`` on the CPU are checked to decrease
+    strictly to a level >= 0 (ValueError otherwise); on an accelerator they are
+    not read.
     """
     _check_sampler_inputs(x, sigmas)
     extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
-    for i in range(len(sigmas) - 1):
-        sigma_hat = sigmas[i]
-        denoised = model(x, sigma_hat * s_in, **extra_args)
-        d = to_d(x, sigma_hat, denoised)
-        dt = sigmas[i + 1] - sigma_hat
-        # Euler method
-        x = x + d * dt
+    ones = x.new_ones(x.shape[0])  # sigma * ones: the level once per sample, (B,)
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        denoised = model(x, sigma * ones, **extra_args)
+        slope = to_d(x, sigma, denoised)  # dx/dsigma, the velocity
+        x = x + slope * (sigma_next - sigma)
     return x
 
 
@@ -276,23 +275,18 @@ def sample_heun(model: Callable, x: torch.Tensor, sigmas: torch.Tensor,
     """
     _check_sampler_inputs(x, sigmas)
     extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
+    ones = x.new_ones(x.shape[0])
     ends_at_zero = bool(sigmas[-1] == 0)  # read once: inside the loop it would wait for the GPU at every step
-    for i in range(len(sigmas) - 1):
-        sigma_hat = sigmas[i]
-        denoised = model(x, sigma_hat * s_in, **extra_args)
-        d = to_d(x, sigma_hat, denoised)
-        dt = sigmas[i + 1] - sigma_hat
-        if i == len(sigmas) - 2 and ends_at_zero:
-            # Euler method
-            x = x + d * dt
-        else:
-            # Heun's method
-            x_2 = x + d * dt
-            denoised_2 = model(x_2, sigmas[i + 1] * s_in, **extra_args)
-            d_2 = to_d(x_2, sigmas[i + 1], denoised_2)
-            d_prime = (d + d_2) / 2
-            x = x + d_prime * dt
+    last = len(sigmas) - 2
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        step = sigma_next - sigma
+        slope = to_d(x, sigma, model(x, sigma * ones, **extra_args))
+        trial = x + slope * step  # Euler's step
+        if i == last and ends_at_zero:
+            x = trial
+        else:  # correct it with the slope at the trial point
+            slope_next = to_d(trial, sigma_next, model(trial, sigma_next * ones, **extra_args))
+            x = x + (slope + slope_next) / 2 * step
     return x
 
 
@@ -330,11 +324,10 @@ def sample_dpmpp_2m(model: Callable, x: torch.Tensor, sigmas: torch.Tensor,
     """
     _check_sampler_inputs(x, sigmas)
     extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
+    ones = x.new_ones(x.shape[0])
     old_denoised, h_last = None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra_args)
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        denoised = model(x, sigma * ones, **extra_args)
         h = sigma.log() - sigma_next.log()  # lambda_next - lambda; infinite when sigma_next = 0
         if old_denoised is None:
             estimate = denoised
