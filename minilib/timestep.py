@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from minilib.validation import check_range
+from minilib.validation import POSITIVE_INT, PROBABILITY, check_arguments, check_range
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -61,6 +61,7 @@ class TimestepEmbedder(nn.Module):
     Input ``(N,)`` timesteps, output ``(N, hidden_size)``.
     """
 
+    @check_arguments(hidden_size=POSITIVE_INT, frequency_embedding_size=POSITIVE_INT)
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
@@ -90,10 +91,9 @@ class LabelEmbedder(nn.Module):
     Input ``(N,)`` integer labels in ``[0, num_classes]``, output ``(N, hidden_size)``.
     """
 
+    @check_arguments(num_classes=POSITIVE_INT, hidden_size=POSITIVE_INT, dropout_prob=PROBABILITY)
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float = 0.1):
         super().__init__()
-        if not 0.0 <= dropout_prob < 1.0:
-            raise ValueError(f"dropout_prob must be in [0, 1), got {dropout_prob}")
         has_null_class = dropout_prob > 0
         self.embedding_table = nn.Embedding(num_classes + int(has_null_class), hidden_size)
         nn.init.normal_(self.embedding_table.weight, std=0.02)
