@@ -232,6 +232,7 @@ class GaussianDiffusion:
         self.alphas_cumprod_next = torch.cat([abar[1:], zero])
         self.sqrt_alphas_cumprod = abar.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1 - abar).sqrt()
+        self.log_one_minus_alphas_cumprod = (1 - abar).log()
         self.sqrt_recip_alphas_cumprod = (1 / abar).sqrt()
         self.sqrt_recipm1_alphas_cumprod = (1 / abar - 1).sqrt()
         # for DDIM: the same for abar_{t-1} and abar_{t+1}

@@ -376,3 +376,22 @@ def test_training_losses_takes_t_third_as_the_official_one():
     assert terms["vb"][0] > 0  # the decoder NLL at t = 0
     with pytest.raises(ValueError, match="t must be a"):
         diffusion.training_losses(wobbly_model, x0, dict(y=1))
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_step_near_t0_is_as_precise_as_float32(eta):
+    """The DDIM step reads sqrt(abar_{t-1}), 1 - abar_{t-1} and sigma_t from float64 tables. The same formula
+    on float32 abar (as the official code computes it) loses digits at t = 1, where abar_{t-1} = 0.9999."""
+    diffusion = GaussianDiffusion(beta_schedule("linear", 1000)).respace("ddim10")
+    generator = torch.Generator().manual_seed(0)
+    x, x0, z = (torch.randn(4096, generator=generator) for _ in range(3))
+    x0 = x0.clamp(-1, 1)
+    t = torch.ones(4096, dtype=torch.long)
+    step = diffusion._ddim_step(x, t, x0, z, eta=eta)
+    exact = diffusion._ddim_step(x.double(), t, x0.double(), z.double(), eta=eta)
+    assert (step.double() - exact).abs().max() < 5e-7
+    abar, abar_prev = diffusion.alphas_cumprod[t].float(), diffusion.alphas_cumprod_prev[t].float()
+    sigma = eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()
+    eps = ((1 / abar).sqrt() * x - x0) / (1 / abar - 1).sqrt()
+    in_float32 = x0 * abar_prev.sqrt() + (1 - abar_prev - sigma ** 2).sqrt() * eps + sigma * z
+    assert (in_float32.double() - exact).abs().max() > 2e-6
