@@ -132,7 +132,7 @@ def space_timesteps(num_timesteps: int, section_counts: int | str | Sequence[int
     as in the official code so that its rounding (Python's ``round``, halves to
     even) gives the same steps. Returns a list of ints.
     """
-    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
+    if not _is_int(num_timesteps) or num_timesteps < 1:
         raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
     if isinstance(section_counts, str):
         spec = section_counts.strip()
@@ -144,11 +144,10 @@ def space_timesteps(num_timesteps: int, section_counts: int | str | Sequence[int
             raise ValueError(f"section_counts {section_counts!r}: no integer stride gives exactly {count} "
                              f"of the {num_timesteps} timesteps")
         counts = [_parse_count(part, section_counts) for part in spec.split(",")]
-    elif isinstance(section_counts, int) and not isinstance(section_counts, bool):
+    elif _is_int(section_counts):
         counts = [section_counts]
-    elif isinstance(section_counts, (list, tuple)) and section_counts:
-        counts = [_parse_count(str(c), section_counts) if not isinstance(c, int) or isinstance(c, bool) else c
-                  for c in section_counts]
+    elif isinstance(section_counts, (list, tuple)) and section_counts and all(map(_is_int, section_counts)):
+        counts = list(section_counts)
     else:
         raise ValueError(f"section_counts must be a number of steps (250, '250'), 'ddimN' or "
                          f"comma-separated counts ('10,15,20'), got {section_counts!r}")
@@ -169,6 +168,10 @@ def space_timesteps(num_timesteps: int, section_counts: int | str | Sequence[int
     if not kept:
         raise ValueError(f"section_counts {section_counts!r} keeps no timestep at all")
     return kept
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _parse_count(text: str, section_counts) -> int:
@@ -346,9 +349,10 @@ class GaussianDiffusion:
         ``mean((eps - eps_theta(x_t, t))^2)`` over all elements.
 
         With a learned variance (2C output channels) only the eps channels enter
-        the loss, so the variance channels are not trained: the samplers here use
-        fixed variances and never read them. (With ``learn_sigma=True`` the
-        variational bound term that trains them is added: see ``training_losses``.)
+        the loss, so the variance channels are not trained: the samplers of a
+        default process use fixed variances and never read them. (With
+        ``learn_sigma=True`` the variational bound term that trains them is
+        added: see ``training_losses``.)
 
         Args:
             model: ``model(x_t, t, **model_kwargs)``, e.g. a ``DiT`` with ``y=labels``.
@@ -496,7 +500,8 @@ class GaussianDiffusion:
         """x_{t-1} = sqrt(abar_{t-1}) x0_hat + sqrt(1 - abar_{t-1} - s_t^2) eps + [t > 0] s_t z."""
         eps = self.predict_eps_from_x0(x_t, t, x0)  # consistent with the (possibly clipped) x0_hat, as in DDIM
         sigma = eta * self._coef(self.sqrt_posterior_variance, t, x_t)  # DDIM eq. 16: eta = 1 is DDPM's b~_t
-        eps_scale = (self._coef(self.one_minus_alphas_cumprod_prev, t, x_t) - sigma ** 2).sqrt()
+        # (the clamp: in half precision, at eta = 1, the rounded difference can fall just below 0)
+        eps_scale = (self._coef(self.one_minus_alphas_cumprod_prev, t, x_t) - sigma ** 2).clamp(min=0).sqrt()
         mean = x0 * self._coef(self.sqrt_alphas_cumprod_prev, t, x_t) + eps_scale * eps
         return mean + _nonzero(t, x_t) * sigma * z
 

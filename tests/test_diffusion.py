@@ -72,7 +72,8 @@ def test_space_timesteps_takes_the_official_forms():
     ("ddim", "section_counts must be"), ("ddimx", "section_counts must be"), ("ten", "section_counts must be"),
     ("10,,5", "section_counts must be"), ("-5", "section_counts must be"), (2.5, "section_counts must be"),
     ("ddim700", "no integer stride gives exactly 700"), ("0", "keeps no timestep"),
-    ("600,600", "cannot take 600 steps from a section of 500"), ([], "section_counts must be")])
+    ("600,600", "cannot take 600 steps from a section of 500"), ([], "section_counts must be"),
+    ([10, "5"], "section_counts must be"), ([10, -1], "cannot take -1 steps"), (True, "section_counts must be")])
 def test_space_timesteps_rejects_bad_specs(bad, message):
     with pytest.raises(ValueError, match=message):
         space_timesteps(1000, bad)
@@ -395,3 +396,19 @@ def test_ddim_step_near_t0_is_as_precise_as_float32(eta):
     eps = ((1 / abar).sqrt() * x - x0) / (1 / abar - 1).sqrt()
     in_float32 = x0 * abar_prev.sqrt() + (1 - abar_prev - sigma ** 2).sqrt() * eps + sigma * z
     assert (in_float32.double() - exact).abs().max() > 2e-6
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_in_bfloat16_stays_finite_and_close(eta):
+    """bf16 keeps 1 - abar_{t-1} = 1e-4 only because it comes from a float64 table (1 - bf16(0.9999) = 0)."""
+    diffusion = GaussianDiffusion(beta_schedule("linear", 1000)).respace("ddim10")
+    oracle = oracle_model(GaussianDiffusion(beta_schedule("linear", 1000)))
+
+    def model(x, t):  # the oracle, rounded to x's dtype
+        return oracle(x.float(), t).to(x.dtype)
+
+    noise = torch.randn(64, 4, 1, 1, generator=torch.Generator().manual_seed(0))
+    low = diffusion.ddim_sample_loop(model, noise.shape, noise=noise.bfloat16(), seed=1, eta=eta)
+    high = diffusion.ddim_sample_loop(model, noise.shape, noise=noise, seed=1, eta=eta)
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+    torch.testing.assert_close(low.float(), high, atol=0.03, rtol=0)
