@@ -26,6 +26,8 @@ from torch import nn
 from .adaln import DiTBlock, FinalLayer, zero_init
 from .patch_embed import PatchEmbed, get_2d_sincos_pos_embed, unpatchify
 from .timestep import LabelEmbedder, TimestepEmbedder
+from .validation import (POSITIVE, POSITIVE_INT, PROBABILITY, check_arguments, check_divisible, check_index_input,
+                         check_same_batch, check_timesteps)
 
 # The model sizes of the paper's Table 1, each with patch sizes 2, 4 and 8.
 # "DiT-XL/2" is XL with 2x2 patches; the input size (32 for 256 px images
@@ -58,11 +60,16 @@ class DiT(nn.Module):
             ``guided_channels=3`` samples its checkpoints exactly as it does.
     """
 
+    @check_arguments(input_size=POSITIVE_INT, patch_size=POSITIVE_INT, in_channels=POSITIVE_INT,
+                     hidden_size=POSITIVE_INT, depth=POSITIVE_INT, num_heads=POSITIVE_INT, mlp_ratio=POSITIVE,
+                     class_dropout_prob=PROBABILITY, num_classes=POSITIVE_INT)
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
                  class_dropout_prob: float = 0.1, num_classes: int = 1000, learn_sigma: bool = True,
                  guided_channels: int | None = None):
         super().__init__()
+        check_divisible("DiT", "input_size", input_size, "patch_size", patch_size)
+        check_divisible("DiT", "hidden_size", hidden_size, "num_heads", num_heads)
         if guided_channels is not None and (isinstance(guided_channels, bool) or not isinstance(guided_channels, int)
                                             or not 1 <= guided_channels <= in_channels):
             raise ValueError(f"guided_channels must be None or an int from 1 to in_channels = {in_channels}, "
@@ -123,9 +130,9 @@ class DiT(nn.Module):
             ``(N, out_channels, H, W)``: eps in the first C channels, then the
             variance channels if ``learn_sigma``.
         """
-        if t.shape != (len(x),) or y.shape != (len(x),):
-            raise ValueError(f"DiT expects t and y of shape ({len(x)},) for {len(x)} inputs, "
-                             f"got t {tuple(t.shape)} and y {tuple(y.shape)}")
+        check_timesteps("DiT", "t", t)
+        check_index_input("DiT", "y", y, 1, 0, self.y_embedder.embedding_table.num_embeddings - 1)
+        check_same_batch("DiT", x=x, t=t, y=y)
         tokens = self.x_embedder(x) + self.pos_embed  # (N, L, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
         for block in self.blocks:

@@ -199,12 +199,27 @@ def check_number(value, name: str, low: float | None = None, high: float | None 
     none = " or None" if allow_none else ""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number{none}, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number{none}, got {value!r}")
+    if low is None and high is None:
+        wanted = "a finite number"
+    elif high is None:
+        wanted = f"a finite number {'>' if low_open else '>='} {low:g}"
+    elif low is None:
+        wanted = f"a finite number <= {high:g}"
+    else:
+        wanted = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and value > high
-    if too_low or too_high:
-        left = "-inf" if low is None else f"{low:g}"
-        right = "inf" if high is None else f"{high:g}"
-        interval = f"{'(' if low_open or low is None else '['}{left}, {right}{']' if high is not None else ')'}"
-        raise ValueError(f"{name} must lie in {interval}{none}, got {value!r}")
+    if not math.isfinite(value) or too_low or too_high:
+        raise ValueError(f"{name} must be {wanted}{none}, got {value!r}")
+
+
+def check_timesteps(where: str, name: str, t) -> None:
+    """A 1-D tensor of times or timesteps, of any real dtype, without NaN or infinity (on the CPU)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{where}: {name} must be a 1-D torch.Tensor of times, got {type(t).__name__}")
+    if t.ndim != 1:
+        raise ValueError(f"{where}: {name} must be 1-D (B,), got shape {tuple(t.shape)}")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{where}: {name} must hold real numbers, got dtype {t.dtype}")
+    if t.is_floating_point():
+        check_finite(where, name, t)
