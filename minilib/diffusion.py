@@ -67,7 +67,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from minilib.validation import check_range
+from minilib.validation import FINITE, NON_NEGATIVE, UNIT_INTERVAL, check_range
 
 
 def linear_beta_schedule(num_timesteps: int) -> torch.Tensor:
@@ -556,8 +556,7 @@ class GaussianDiffusion:
         Returns:
             ``(N, C, ...)`` samples.
         """
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        NON_NEGATIVE("p_sample_loop", "temperature", temperature)
         return self._sample_loop(self.p_sample, model, shape, model_kwargs, noise, seed, generator, clip_denoised,
                                  device, progress, temperature=temperature)
 
@@ -572,8 +571,7 @@ class GaussianDiffusion:
         (1 - abar_t)) sqrt(1 - abar_t / abar_{t-1}); ``eta=1`` has DDPM's
         posterior variance. Other arguments as in ``p_sample_loop``.
         """
-        if not 0 <= eta <= 1:
-            raise ValueError(f"eta must lie in [0, 1], got {eta}")
+        UNIT_INTERVAL("ddim_sample_loop", "eta", eta)
         return self._sample_loop(self.ddim_sample, model, shape, model_kwargs, noise, seed, generator, clip_denoised,
                                  device, progress, eta=eta)
 
@@ -654,6 +652,7 @@ def classifier_free_guidance(model: Callable, cfg_scale: float) -> Callable:
         samples = diffusion.ddim_sample_loop(guided, (16, 4, 32, 32), dict(y=torch.cat([y, null])),
                                              noise=torch.cat([z, z]))[:8]
     """
+    FINITE("classifier_free_guidance", "cfg_scale", cfg_scale)
 
     def guided(x: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:
         if len(x) % 2:
