@@ -131,7 +131,7 @@ register(ZooEntry(
     dict(image_size=32, in_channels=3, patch_size=2, hidden_size=384, depth=12, num_heads=6, mlp_ratio=4.0,
          hdim=384, encoder_depth=6, encoder_heads=6, encoder_mlp_ratio=4.0, sample_size=6,
          conditioning="film", context="deterministic"),
-    FSDM_PAPER, "Seed 002's few-shot DiT: sViT set encoder (hdim 384, 6 LSA blocks) + DiT-S/2-sized generator, "
+    FSDM_PAPER, "VFSDDPM (the JAX port's CIFAR-100 configuration): sViT set encoder (hdim 384, 6 LSA blocks) + DiT-S/2-sized generator, "
                 "32 px, sets of 6 (counts pinned in tests/test_fewshot.py)"))
 register(ZooEntry(
     "vfsddpm-shapes-small", "minilib.fewshot:VFSDDPM",
@@ -187,7 +187,7 @@ for _name, _width, _depth, _heads, _head_depth, _head_width, _reference, _what i
         ("mar-large", 1024, 16, 16, 8, 1280, "mar_l.json", "MAR-L (478M): 16+16 blocks of width 1024, head d8 w1280"),
         ("mar-huge", 1280, 20, 16, 12, 1536, "mar_h.json", "MAR-H (942M): 20+20 blocks of width 1280, head d12 w1536"),
         ("mar-large-d12w1536", 1024, 16, 16, 12, 1536, "mar_l_diffloss_d12w1536.json",
-         "MAR-L with the training script's default head d12 w1536 (seed 001's printout, 557M)")]:
+         "MAR-L with the training script's default head d12 w1536 (main_mar.py's defaults, 557M)")]:
     register(ZooEntry(
         _name, "minilib.mar:MAR",
         dict(encoder_embed_dim=_width, encoder_depth=_depth, encoder_num_heads=_heads, decoder_embed_dim=_width,
