@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from minilib.diffusion import (GaussianDiffusion, beta_schedule, classifier_free_guidance, cosine_alpha_bar,
-                               space_timesteps)
+                               normal_kl, space_timesteps)
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])
@@ -412,3 +412,35 @@ def test_ddim_in_bfloat16_stays_finite_and_close(eta):
     high = diffusion.ddim_sample_loop(model, noise.shape, noise=noise, seed=1, eta=eta)
     assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
     torch.testing.assert_close(low.float(), high, atol=0.03, rtol=0)
+
+
+def test_the_bound_term_is_a_weighted_squared_noise_error():
+    """DDPM eq. 12: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) = beta^2 / (2 sigma^2 alpha (1 - abar)) |eps - eps_theta|^2."""
+    diffusion = GaussianDiffusion(beta_schedule("cosine", 1000))
+    torch.manual_seed(0)
+    t = torch.tensor([1, 10, 100, 500, 999])
+    x0, eps, eps_theta = torch.randn(5, 2, 3, 3), torch.randn(5, 2, 3, 3), torch.randn(5, 2, 3, 3)
+    x_t = diffusion.q_sample(x0, t, eps)
+    true_mean, variance = diffusion.q_posterior_mean_variance(x0, x_t, t)
+    model_mean, _ = diffusion.q_posterior_mean_variance(diffusion.predict_x0_from_eps(x_t, t, eps_theta), x_t, t)
+    kl = normal_kl(true_mean, variance.log(), model_mean, variance.log()).flatten(1).sum(1)
+    beta, abar = diffusion.betas[t], diffusion.alphas_cumprod[t]
+    weight = (beta ** 2 / (2 * diffusion.posterior_variance[t] * (1 - beta) * (1 - abar))).float()
+    torch.testing.assert_close(kl, weight * (eps - eps_theta).pow(2).flatten(1).sum(1), rtol=1e-3, atol=0)
+
+
+def test_tweedie_the_best_noise_predictor_is_the_scaled_score():
+    """For x0 ~ N(m, s^2), E[eps | x_t] = -sqrt(1 - abar) * score of p_t, recovered by least squares."""
+    diffusion = GaussianDiffusion(beta_schedule("linear", 1000))
+    generator = torch.Generator().manual_seed(0)
+    m, s = -0.7, 0.3
+    for step in (100, 600):
+        a, b = diffusion.alphas_cumprod[step].sqrt().item(), (1 - diffusion.alphas_cumprod[step]).sqrt().item()
+        x0 = m + s * torch.randn(400_000, generator=generator, dtype=torch.float64)
+        eps = torch.randn(400_000, generator=generator, dtype=torch.float64)
+        x_t = a * x0 + b * eps
+        design = torch.stack([x_t, torch.ones_like(x_t)], dim=1)
+        slope, intercept = torch.linalg.lstsq(design, eps[:, None]).solution.flatten().tolist()
+        variance = a ** 2 * s ** 2 + b ** 2  # p_t = N(a m, variance): score(x) = -(x - a m) / variance
+        assert slope == pytest.approx(b / variance, abs=5e-3)
+        assert intercept == pytest.approx(-b * a * m / variance, abs=5e-3)
