@@ -24,21 +24,28 @@ the in-memory tensors directly: no DataLoader, no worker processes.
 
 from __future__ import annotations
 
+import glob
 import gzip
 import hashlib
+import http.client
 import importlib.util
 import math
+import os
 import struct
 import tarfile
+import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from .validation import check_number, check_range
 
 # ---------------------------------------------------------------------------
 # The container every loader returns
@@ -49,12 +56,20 @@ class ImageDataset(Dataset):
     """Images, labels and (optionally) captions, all held in memory.
 
     Args:
-        images: float tensor ``(N, C, H, W)``, values in ``[-1, 1]``.
+        images: floating-point tensor ``(N, C, H, W)`` with values in ``[-1, 1]``.
+            float64 is converted to float32 (the models are float32); integer
+            pixels such as uint8 ``[0, 255]`` are refused: convert them with
+            :func:`uint8_to_unit` first.
         labels: integer tensor ``(N,)`` of class ids in ``[0, len(class_names))``.
-        class_names: the name of each class id.
+        class_names: the name of each class id (a list of strings, at least one).
         captions: optional list of N strings describing each image.
         attributes: optional integer tensor ``(N, K)`` of per-image attribute ids.
         name: a short name shown by ``repr``.
+
+    Raises:
+        TypeError: a wrong type or dtype (float labels, uint8 images, ...).
+        ValueError: wrong shapes, labels out of range, images outside ``[-1, 1]``
+            or not finite. Each message names the argument and what was expected.
 
     ``dataset[i]`` returns ``(image (C, H, W), label ())`` like a TensorDataset.
     """
@@ -62,23 +77,30 @@ class ImageDataset(Dataset):
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str],
                  captions: Sequence[str] | None = None, attributes: torch.Tensor | None = None,
                  name: str = "images"):
-        if not isinstance(images, torch.Tensor) or images.ndim != 4:
-            raise ValueError(f"images must be a tensor of shape (N, C, H, W), got "
-                             f"{_describe(images)}")
-        if not images.is_floating_point():
-            raise TypeError(f"images must be floating point in [-1, 1], got dtype {images.dtype}")
+        images = _checked_images(images)
         n = images.shape[0]
-        if not isinstance(labels, torch.Tensor) or labels.shape != (n,):
-            raise ValueError(f"labels must be a tensor of shape ({n},) to match {n} images, got "
-                             f"{_describe(labels)}")
-        if captions is not None and len(captions) != n:
-            raise ValueError(f"got {len(captions)} captions for {n} images")
-        if attributes is not None and (attributes.ndim != 2 or attributes.shape[0] != n):
-            raise ValueError(f"attributes must have shape ({n}, K), got {tuple(attributes.shape)}")
+        if isinstance(class_names, str) or not all(isinstance(c, str) for c in class_names) \
+                or len(class_names) == 0:
+            raise TypeError(f"class_names must be a non-empty list of strings, got {class_names!r:.80}")
+        _check_labels(labels, n, len(class_names))
+        if captions is not None:
+            if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
+                raise TypeError("captions must be a list of strings, one per image")
+            if len(captions) != n:
+                raise ValueError(f"got {len(captions)} captions for {n} images")
+        if attributes is not None:
+            if not isinstance(attributes, torch.Tensor) or attributes.ndim != 2 or attributes.shape[0] != n:
+                raise ValueError(f"attributes must be a tensor of shape ({n}, K), got {_describe(attributes)}")
+            if attributes.is_floating_point() or attributes.is_complex() or attributes.dtype == torch.bool:
+                raise TypeError(f"attributes must be an integer tensor of ids, got dtype {attributes.dtype}")
+        self._set(images, labels.long(), list(class_names),
+                  None if captions is None else list(captions), attributes, name)
+
+    def _set(self, images, labels, class_names, captions, attributes, name) -> None:
         self.images = images
-        self.labels = labels.long()
-        self.class_names = list(class_names)
-        self.captions = None if captions is None else list(captions)
+        self.labels = labels
+        self.class_names = class_names
+        self.captions = captions
         self.attributes = attributes
         self.name = name
 
@@ -104,8 +126,10 @@ class ImageDataset(Dataset):
         if self.captions is not None:
             captions = [self.captions[i] for i in indices.tolist()]
         attributes = None if self.attributes is None else self.attributes[indices]
-        return ImageDataset(self.images[indices], self.labels[indices], self.class_names,
-                            captions, attributes, name=self.name)
+        subset = ImageDataset.__new__(ImageDataset)   # the values were checked when self was made
+        subset._set(self.images[indices], self.labels[indices], self.class_names, captions,
+                    attributes, self.name)
+        return subset
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.name!r}: {len(self)} images of shape "
@@ -116,6 +140,37 @@ def _describe(x) -> str:
     if isinstance(x, torch.Tensor):
         return f"a tensor of shape {tuple(x.shape)}"
     return f"a {type(x).__name__}"
+
+
+def _checked_images(images) -> torch.Tensor:
+    """``images`` as floating point ``(N, C, H, W)`` in ``[-1, 1]`` (float64 -> float32), or an error."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise ValueError(f"images must be a tensor of shape (N, C, H, W), got {_describe(images)}")
+    if not images.is_floating_point():
+        hint = (" (for [0, 255] pixels use minilib.datasets.uint8_to_unit(images))"
+                if images.dtype == torch.uint8 else "")
+        raise TypeError(f"images must be floating point with values in [-1, 1], got dtype "
+                        f"{images.dtype}{hint}")
+    if images.dtype == torch.float64:
+        images = images.float()
+    if images.numel():
+        low, high = images.aminmax()
+        if not (torch.isfinite(low) and torch.isfinite(high)):
+            raise ValueError("images must be finite; they contain NaN or infinite values")
+        if low < -1 - 1e-3 or high > 1 + 1e-3:
+            raise ValueError(f"images must have values in [-1, 1], got {low.item():.4g} to "
+                             f"{high.item():.4g} (map [0, 1] images with x * 2 - 1, [0, 255] "
+                             f"pixels with uint8_to_unit)")
+    return images
+
+
+def _check_labels(labels, n: int, num_classes: int) -> None:
+    if not isinstance(labels, torch.Tensor) or labels.shape != (n,):
+        raise ValueError(f"labels must be a tensor of shape ({n},) to match {n} images, got "
+                         f"{_describe(labels)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor of class ids, got dtype {labels.dtype}")
+    check_range(labels, 0, num_classes - 1, f"labels (class ids for {num_classes} class_names)")
 
 
 def infinite_batches(data, batch_size: int, seed: int = 0,
@@ -184,6 +239,7 @@ POSITION_XY = torch.tensor([
 ])
 
 LABEL_KINDS = ("shape", "colour", "position", "shape_colour")
+MAX_JITTER = 0.05   # 0.28 (corner centres from the edges) - 0.23 (widest default shape: a triangle of size 0.22)
 
 
 # Each shape is a signed distance function (SDF) of the offset (x, y) from its
@@ -365,8 +421,16 @@ class ShapesDataset(ImageDataset):
         label: what ``labels`` holds: ``"shape_colour"`` (24 classes, default),
             ``"shape"`` (4), ``"colour"`` (6) or ``"position"`` (5).
         device: where to render and keep the tensors.
-        size_range: (min, max) radius as a fraction of the image side.
-        jitter: largest nudge of the centre, as a fraction of the image side.
+        size_range: (min, max) radius as a fraction of the image side, with
+            ``0 < min <= max <= 0.5``. Up to 0.22 (the default is 0.15 to 0.22)
+            every shape stays inside the image; larger shapes may run
+            off it at the corner positions (chapter 8 draws large ones and keeps
+            only the centred ones).
+        jitter: largest nudge of the centre, as a fraction of the image side, in
+            ``[0, MAX_JITTER]`` = ``[0, 0.05]``: the corner positions' centres lie
+            0.28 from the edges and the widest default shape (a triangle of size
+            0.22, whose base reaches 1.04 x 0.22 sideways) 0.23 from its centre,
+            so a nudged shape stays inside the image and near its own position.
 
     Attributes:
         images: float32 ``(N, 3, H, W)`` in ``[-1, 1]``.
@@ -383,8 +447,10 @@ class ShapesDataset(ImageDataset):
         if not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images must be a positive int, got {num_images!r}")
         class_names = class_names_for(label)   # validates `label`
-        if not 0 < size_range[0] <= size_range[1] <= 0.5:
-            raise ValueError(f"size_range must satisfy 0 < min <= max <= 0.5, got {size_range}")
+        if len(size_range) != 2 or not 0 < size_range[0] <= size_range[1] <= 0.5:   # NaN fails too
+            raise ValueError(f"size_range must be (min, max) with 0 < min <= max <= 0.5, got {size_range}")
+        check_number(jitter, "jitter (largest nudge of a shape's centre, a fraction of the image side)",
+                     0, MAX_JITTER)
 
         # Sample on the CPU with our own generator, so the seed means the same on every device.
         generator = torch.Generator().manual_seed(seed)
@@ -527,47 +593,183 @@ def _read_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 class DownloadError(RuntimeError):
-    """A file could not be downloaded (usually: no network)."""
+    """A file could not be downloaded (offline, unreachable, refused, damaged) or stored."""
 
 
-def download_file(url: str, path: Path, md5: str | None = None, timeout: float = 30.0,
-                  sha256: str | None = None, headers: dict[str, str] | None = None) -> Path:
-    """Fetch ``url`` to ``path`` with a progress bar; check its MD5 or SHA-256 if given.
+OFFLINE_ENV = "MINILIB_OFFLINE"
+CONNECT_TIMEOUT = 5.0   # seconds to connect and to get the server's first answer
+READ_TIMEOUT = 60.0     # longest silence allowed while the data arrive
 
-    The data go to ``path.part`` first and are renamed only when complete and
-    checked, so an interrupted download never leaves a half file under the real
-    name. ``timeout`` (seconds) bounds the wait for the connection and for each
-    read, so an unreachable host fails instead of hanging. ``headers`` are sent
-    with the request (e.g. an ``Authorization`` token for a gated file).
+
+def is_offline() -> bool:
+    """Whether ``$MINILIB_OFFLINE`` is set (to anything but ``""`` or ``"0"``): then nothing is downloaded."""
+    return os.environ.get(OFFLINE_ENV, "") not in ("", "0")
+
+
+def download_file(url: str, path: Path, md5: str | None = None, timeout: float = CONNECT_TIMEOUT,
+                  sha256: str | None = None, headers: dict[str, str] | None = None,
+                  size: int | None = None, read_timeout: float = READ_TIMEOUT,
+                  check: Callable[[Path], None] | None = None, folder_hint: str = "") -> Path:
+    """Fetch ``url`` to ``path`` with a progress bar, safely even when several processes do it at once.
+
+    How a download can go wrong, and what this function does about it:
+
+    - **Offline**: with ``$MINILIB_OFFLINE`` set it fails at once, naming the
+      URL and where to put a copy fetched elsewhere.
+    - **A host that never answers**: ``timeout`` (default 5 s) bounds the wait
+      for the connection and for the server's first answer; ``read_timeout``
+      (default 60 s) the silence while the data arrive.
+    - **Half files**: the data go to a temporary file with a unique name in the
+      same folder, which is renamed to ``path`` (``os.replace``, atomic) only
+      when complete and checked. A failed download leaves nothing under the
+      real name, and a short read (fewer bytes than the server announced) fails.
+    - **Two processes fetching the same file** (a class on one machine, two
+      notebooks) take turns on a lock file in ``<folder>/.locks/``. The second
+      waits, then finds the file in place and uses it without downloading again.
+    - **The wrong content**: an HTML page (a login or error page) is refused; the
+      size, MD5 and SHA-256 are checked where given, and ``check(temporary_path)``
+      may inspect the file (raise :class:`DownloadError` to refuse it). A
+      refused download is deleted, and the message says so.
+    - **A folder you cannot write to** fails with a message naming it;
+      ``folder_hint`` says how to choose another one.
+
+    Returns:
+        ``path``.
 
     Raises:
-        DownloadError: the file could not be fetched, or its checksum is wrong.
+        DownloadError: with the URL, the path, and what to do.
     """
-    from tqdm.auto import tqdm
+    from filelock import FileLock, Timeout
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")   # never leave a half file under the real name
+    if is_offline():
+        raise DownloadError(f"{OFFLINE_ENV} is set, so nothing is downloaded: download {url} on a machine "
+                            f"that is online and put the file at {path} (or unset {OFFLINE_ENV}).")
+    try:
+        (path.parent / ".locks").mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path.parent / ".locks" / f"{path.name}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"waiting for another process that is downloading {path.name} into {path.parent} ...")
+            lock.acquire()
+    except OSError as error:
+        raise DownloadError(f"cannot write into the folder {path.parent} ({error.strerror or error}); "
+                            f"choose a folder you can write to{folder_hint}") from None
+    try:
+        if path.is_file():          # another process finished it while we waited
+            return path
+        _remove_stale_parts(path)
+        partial = _fetch(url, path, timeout, read_timeout, headers)
+        try:
+            _check_download(partial, url, path, md5, sha256, size, check)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        return path
+    finally:
+        lock.release()
+
+
+def _remove_stale_parts(path: Path) -> None:
+    """Delete temporary files that an interrupted download of ``path`` left (we hold its lock)."""
+    for stale in path.parent.glob(f"{glob.escape(path.name)}.*.part"):
+        stale.unlink(missing_ok=True)
+
+
+def _fetch(url: str, path: Path, timeout: float, read_timeout: float,
+           headers: dict[str, str] | None) -> Path:
+    """Stream ``url`` into a new unique ``<name>.<random>.part`` file next to ``path``; return it."""
+    from tqdm.auto import tqdm
+
+    host = urllib.parse.urlsplit(url).netloc or url
     request = urllib.request.Request(url, headers={"User-Agent": "minilib", **(headers or {})})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response, open(partial, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=path.name) as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-    except (urllib.error.URLError, TimeoutError, OSError) as error:
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
+    except OSError as error:
+        raise DownloadError(f"cannot write into the folder {path.parent} ({error.strerror or error})") from None
+    partial = Path(name)
+    received, total, stage = 0, None, "connect"
+    try:
+        with os.fdopen(handle, "wb") as out:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                stage = "read"
+                _set_read_timeout(response, read_timeout)
+                _refuse_web_pages(response, url, path)
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=path.name) as bar:
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+                        received += len(chunk)
+                        bar.update(len(chunk))
+    except DownloadError:
         partial.unlink(missing_ok=True)
-        raise DownloadError(
-            f"could not download {url} to {path}: {error}. If you are offline, download the "
-            f"file on another machine and put it at {path}.") from None
+        raise
+    except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as error:
+        partial.unlink(missing_ok=True)
+        problem = _network_problem(error, stage, host, timeout, read_timeout)
+        raise DownloadError(f"could not download {url} to {path}: {problem}. If you are offline, "
+                            f"download the file on another machine and put the file at {path}.") from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    if total is not None and received != total:
+        partial.unlink(missing_ok=True)
+        raise DownloadError(f"the download of {url} stopped after {received:,} of {total:,} bytes; "
+                            f"nothing was saved, try again")
+    return partial
+
+
+def _set_read_timeout(response, seconds: float) -> None:
+    """Give an HTTP response's socket a new timeout for the body (``urlopen`` has one for everything).
+
+    ``urlopen(timeout=...)`` is the limit for connecting and for the first answer;
+    once the data flow, a longer silence is normal on a slow network. The socket
+    sits at ``response.fp.raw._sock``; other responses (``file://``) have none.
+    """
+    sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
+    if sock is not None:
+        sock.settimeout(seconds)
+
+
+def _refuse_web_pages(response, url: str, path: Path) -> None:
+    content_type = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    if content_type == "text/html" and path.suffix.lower() not in (".html", ".htm"):
+        raise DownloadError(f"{url} answered with a web page (text/html), not the file: usually a login, "
+                            f"licence or error page. Open the URL in a browser to see it; nothing was saved "
+                            f"at {path}.")
+
+
+def _network_problem(error, stage: str, host: str, timeout: float, read_timeout: float) -> str:
+    """One readable line for a network exception."""
+    if isinstance(error, urllib.error.HTTPError):
+        return f"the server answered {error.code} {error.reason}"
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error
+    if isinstance(reason, TimeoutError):
+        if stage == "connect":
+            return (f"{host} did not answer within {timeout:g} s (no connection, or a connection but no "
+                    f"reply); the host may be down or blocked")
+        return f"no data arrived for {read_timeout:g} s, so the download was abandoned"
+    return str(reason) or type(reason).__name__
+
+
+def _check_download(partial: Path, url: str, path: Path, md5: str | None, sha256: str | None,
+                    size: int | None, check: Callable[[Path], None] | None) -> None:
+    """Raise DownloadError unless the downloaded ``partial`` file has the expected size and digests."""
+    deleted = f"the download was deleted; try again, or put a good copy at {path}"
+    found = partial.stat().st_size
+    if size is not None and found != size:
+        raise DownloadError(f"{url} gave {found:,} bytes, but the file has {size:,}: it is incomplete or "
+                            f"not the right file ({deleted})")
     for algorithm, expected in (("md5", md5), ("sha256", sha256)):
-        if expected is not None and file_digest(partial, algorithm) != expected.lower():
-            partial.unlink()
-            raise DownloadError(f"{url} downloaded, but its {algorithm.upper()} is not {expected}; the "
-                                f"file is damaged or has changed. Try again, or put a good copy at {path}.")
-    partial.replace(path)
-    return path
+        if expected is None:
+            continue
+        digest = file_digest(partial, algorithm)
+        if digest != expected.lower():
+            raise DownloadError(f"{url} downloaded, but its {algorithm.upper()} is not {expected} (got "
+                                f"{digest}): the file is damaged or has changed ({deleted})")
+    if check is not None:
+        check(partial)
 
 
 def file_digest(path: Path, algorithm: str = "md5") -> str:
@@ -628,7 +830,8 @@ def _find_mnist_file(root: Path, name: str, download_missing: bool) -> Path:
                 return candidate
     url = MNIST_URL + f"{name}.gz"
     if download_missing:
-        return download_file(url, root / f"{name}.gz", md5=MNIST_MD5[f"{name}.gz"])
+        return download_file(url, root / f"{name}.gz", md5=MNIST_MD5[f"{name}.gz"],
+                             folder_hint=" (pass another root folder to load_mnist)")
     raise FileNotFoundError(
         f"MNIST file {name} not found: looked for {root / name} and {root / name}.gz. "
         f"Download {url} into {root}, or call load_mnist({str(root)!r}, download=True).")
@@ -642,7 +845,8 @@ def load_mnist(root: str | Path, train: bool = True, download: bool = False,
         root: folder with ``train-images-idx3-ubyte[.gz]``,
             ``train-labels-idx1-ubyte[.gz]`` and the ``t10k-`` test files.
         train: the 60,000 training images, else the 10,000 test images.
-        download: fetch missing files from :data:`MNIST_URL` (needs the network).
+        download: fetch missing files from :data:`MNIST_URL` with :func:`download_file`
+            (needs the network; with ``$MINILIB_OFFLINE`` set it fails at once).
         image_size: resize to this side (default: keep 28).
 
     Returns:
@@ -709,7 +913,8 @@ def load_cifar10(root: str | Path, train: bool = True, download: bool = False,
     Args:
         root: folder that holds ``cifar-10-batches-bin/`` (or the ``.bin`` files themselves).
         train: the five ``data_batch_{1..5}.bin`` (50,000 images), else ``test_batch.bin``.
-        download: fetch and extract :data:`CIFAR10_URL` (162 MB) if the files are missing.
+        download: fetch and extract :data:`CIFAR10_URL` (162 MB) if the files are missing,
+            with :func:`download_file` (with ``$MINILIB_OFFLINE`` set it fails at once).
         image_size: resize to this side (default: keep 32).
 
     Returns:
@@ -721,7 +926,8 @@ def load_cifar10(root: str | Path, train: bool = True, download: bool = False,
     folder = next((f for f in (root / CIFAR10_FOLDER, root)
                    if all((f / name).is_file() for name in names)), None)
     if folder is None and download:
-        archive = download_file(CIFAR10_URL, root / "cifar-10-binary.tar.gz", md5=CIFAR10_MD5)
+        archive = download_file(CIFAR10_URL, root / "cifar-10-binary.tar.gz", md5=CIFAR10_MD5,
+                                folder_hint=" (pass another root folder to load_cifar10)")
         _extract_cifar10(archive, root)
         archive.unlink()
         folder = root / CIFAR10_FOLDER

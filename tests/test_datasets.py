@@ -153,10 +153,74 @@ def test_infinite_batches(shapes):
 
 
 def test_image_dataset_validates():
+    images, labels = torch.zeros(3, 1, 8, 8), torch.tensor([0, 1, 1])
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
-        ImageDataset(torch.zeros(3, 8, 8), torch.zeros(3), ["a"])
+        ImageDataset(torch.zeros(3, 8, 8), labels, ["a", "b"])
     with pytest.raises(ValueError, match="labels must be"):
-        ImageDataset(torch.zeros(3, 1, 8, 8), torch.zeros(4), ["a"])
+        ImageDataset(images, torch.zeros(4, dtype=torch.long), ["a", "b"])
+
+
+def test_image_dataset_requires_integer_labels_in_range():
+    images = torch.zeros(3, 1, 8, 8)
+    with pytest.raises(TypeError, match="labels must be an integer tensor.*float32"):
+        ImageDataset(images, torch.tensor([0.0, 1.0, 0.5]), ["a", "b"])
+    with pytest.raises(TypeError, match="labels must be an integer tensor.*bool"):
+        ImageDataset(images, torch.tensor([True, False, True]), ["a", "b"])
+    with pytest.raises(ValueError, match=r"labels.*2 class_names.*\[0, 1\], got min 0 max 2"):
+        ImageDataset(images, torch.tensor([0, 1, 2]), ["a", "b"])
+    with pytest.raises(ValueError, match=r"labels.*got min -1"):
+        ImageDataset(images, torch.tensor([0, -1, 1]), ["a", "b"])
+    with pytest.raises(TypeError, match="class_names must be a non-empty list of strings"):
+        ImageDataset(images, torch.tensor([0, 1, 1]), "ab")
+    ok = ImageDataset(images, torch.tensor([0, 1, 1], dtype=torch.int32), ["a", "b"])
+    assert ok.labels.dtype == torch.int64 and ok.labels.tolist() == [0, 1, 1]
+
+
+def test_image_dataset_requires_float_images_in_minus_one_one():
+    labels = torch.tensor([0, 1])
+    pixels = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    with pytest.raises(TypeError, match=r"images must be floating point.*uint8.*uint8_to_unit"):
+        ImageDataset(pixels, labels, ["a", "b"])
+    with pytest.raises(ValueError, match=r"images must have values in \[-1, 1\], got 0 to 255"):
+        ImageDataset(pixels.float().index_fill_(0, torch.tensor([0]), 255.0).clamp(0, 255)
+                     .index_fill_(1, torch.tensor([0]), 0.0), labels, ["a", "b"])
+    with pytest.raises(ValueError, match="images must be finite"):
+        ImageDataset(torch.full((2, 3, 4, 4), float("nan")), labels, ["a", "b"])
+    doubles = torch.rand(2, 3, 4, 4, dtype=torch.float64) * 2 - 1
+    converted = ImageDataset(doubles, labels, ["a", "b"])       # documented: float64 -> float32
+    assert converted.images.dtype == torch.float32
+    torch.testing.assert_close(converted.images, doubles.float())
+    assert ImageDataset(D.uint8_to_unit(pixels), labels, ["a", "b"]).images.max() <= 1
+
+
+def test_subset_keeps_the_checked_values(shapes):
+    part = shapes.subset([3, 1])
+    assert torch.equal(part.images, shapes.images[[3, 1]]) and part.labels.tolist() == shapes.labels[[3, 1]].tolist()
+    assert part.captions == [shapes.captions[3], shapes.captions[1]]
+
+
+@pytest.mark.parametrize("jitter", [2, -0.01, 0.051, float("nan"), float("inf")])
+def test_shapes_reject_jitter_outside_the_documented_range(jitter):
+    with pytest.raises(ValueError, match=r"jitter .*must be in \[0, 0.05\]"):
+        ShapesDataset(10, jitter=jitter)
+
+
+def test_shapes_with_the_largest_jitter_stay_inside_the_image():
+    data = ShapesDataset(240, image_size=32, jitter=D.MAX_JITTER, seed=3)
+    assert data.offsets.abs().max() <= D.MAX_JITTER
+    # In the outermost ring of pixels every shape covers less than half a pixel (coverage < 0.5):
+    # the shape's edge does not reach the pixel centres, half a pixel inside the image's edge.
+    background = (D.BACKGROUND_RGB * 2 - 1).view(1, 3, 1)
+    colour = (D.COLOUR_RGB[data.attributes[:, 1]] * 2 - 1).view(-1, 3, 1)
+    ring = torch.cat([data.images[..., 0, :], data.images[..., -1, :],
+                      data.images[..., :, 0], data.images[..., :, -1]], dim=-1)      # (N, 3, 4W)
+    channel = (colour - background).abs().argmax(dim=1, keepdim=True)               # the clearest channel
+    coverage = ((ring - background) / (colour - background)).gather(1, channel.expand(-1, 1, ring.shape[-1]))
+    assert coverage.max() < 0.5
+    assert (ShapesDataset(240, image_size=32, jitter=D.MAX_JITTER, seed=3, size_range=(0.3, 0.3)).images[..., 0, :]
+            - background).abs().max() > 1   # a shape that does run off the image fails this test
+    with pytest.raises(ValueError, match="size_range"):
+        ShapesDataset(10, size_range=(float("nan"), 0.2))
 
 
 # --- digits -----------------------------------------------------------------
@@ -237,7 +301,12 @@ def test_download_failure_names_url_and_path(tmp_path, monkeypatch):
     message = str(error.value)
     assert D.MNIST_URL + "train-images-idx3-ubyte.gz" in message
     assert str(tmp_path / "train-images-idx3-ubyte.gz") in message
-    assert not list(tmp_path.iterdir())     # no half-written files left behind
+    assert not files_in(tmp_path)     # no half-written files left behind
+
+
+def files_in(folder):
+    """The files in ``folder`` other than download locks."""
+    return sorted(p.name for p in folder.iterdir() if p.name != ".locks")
 
 
 # --- CIFAR-10 ---------------------------------------------------------------
@@ -307,6 +376,6 @@ def test_cifar10_download_extracts_only_the_batches(tmp_path, monkeypatch):
 
 def test_download_checks_the_md5(tmp_path, monkeypatch):
     monkeypatch.setattr(D.urllib.request, "urlopen", lambda url, timeout: FakeResponse(b"junk"))
-    with pytest.raises(D.DownloadError, match="MD5"):
+    with pytest.raises(D.DownloadError, match="MD5.*download was deleted"):
         load_mnist(tmp_path, download=True)
-    assert not list(tmp_path.iterdir())
+    assert not files_in(tmp_path)
