@@ -22,13 +22,18 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+from .validation import check_number
 
 # ---------------------------------------------------------------------------
 # Exponential moving average of the weights
@@ -144,8 +149,9 @@ def clip_gradients(model: nn.Module, max_norm: float | None) -> float:
     """Scale all gradients down together so their global L2 norm is at most ``max_norm``.
 
     Returns the norm *before* clipping (worth logging: spikes mean trouble).
-    ``max_norm=None`` only measures.
+    ``max_norm=None`` only measures; otherwise it must be a number > 0.
     """
+    check_number(max_norm, "max_norm", 0, low_open=True, allow_none=True)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return 0.0
@@ -197,7 +203,9 @@ def train(model: nn.Module, loss_fn: Callable, batches: Iterable, steps: int, lr
             it must yield at least ``steps`` batches. Batches are moved to the device.
         steps: number of optimiser steps.
         lr, weight_decay, betas: AdamW settings.
-        grad_clip: max global gradient norm, or None for no clipping.
+        grad_clip: max global gradient norm, a number > 0, or None for no clipping.
+            (0 would stop learning and a negative norm would flip the gradient's
+            direction, so both are refused, as is NaN.)
         ema_decay: keep an :class:`EMA` of the weights with this decay (e.g. 0.999),
             or pass an existing ``ema`` to continue it.
         log_every: refresh the progress bar's loss every this many steps.
@@ -216,6 +224,10 @@ def train(model: nn.Module, loss_fn: Callable, batches: Iterable, steps: int, lr
         raise ValueError(f"log_every must be a positive int, got {log_every!r}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
+    check_number(lr, "lr (the learning rate)", 0, low_open=True)
+    check_number(weight_decay, "weight_decay", 0)
+    check_number(grad_clip, "grad_clip (the largest gradient norm; None: no clipping)", 0,
+                 low_open=True, allow_none=True)
     if seed is not None:
         torch.manual_seed(seed)
     if device is not None:
@@ -303,6 +315,11 @@ def _describe(x) -> str:
 def save_checkpoint(path: str | Path, model: nn.Module, **metadata) -> Path:
     """Save ``model``'s weights to a safetensors file, with JSON metadata.
 
+    The file is written under a temporary name in the same folder and then
+    renamed to ``path`` (``os.replace``, atomic), whatever safetensors version
+    is installed: an interrupted save (a full disk, a killed kernel) leaves the
+    previous checkpoint, or nothing, at ``path``, never a truncated file.
+
     Args:
         path: file to write (parent folders are created), usually ``*.safetensors``.
         model: its ``state_dict()`` is saved.
@@ -332,24 +349,94 @@ def save_checkpoint(path: str | Path, model: nn.Module, **metadata) -> Path:
         seen.add(tensor.untyped_storage().data_ptr())
         tensors[name] = tensor
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=header)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata=header)
+        with open(temporary, "rb") as written:    # on disk before the rename makes it visible
+            os.fsync(written.fileno())
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
     return path
 
 
+# What the first bytes of a file say it is. Checkpoints come as safetensors
+# (8-byte little-endian header length, then a JSON header starting with "{"),
+# zip archives (torch.save's format since PyTorch 1.6) or bare pickles (older
+# torch.save files start with the pickle protocol marker 0x80 and a version).
+NOT_A_CHECKPOINT = {
+    "html": "an HTML page (an error or login page saved in place of the file?)",
+    "git-lfs-pointer": "a Git LFS pointer (a small text file that stands for the real one)",
+    "text": "a text file",
+    "gzip": "a gzip archive",
+    "empty": "an empty file",
+    "unknown": "no checkpoint format known to minilib",
+}
+
+
+def file_format(path: str | Path) -> str:
+    """What a file holds, judged by its first bytes, never by its name.
+
+    Returns one of ``"safetensors"``, ``"torch-zip"`` (``torch.save``),
+    ``"pickle"`` (the older ``torch.save`` format), or a kind that is not a
+    checkpoint at all: ``"html"``, ``"git-lfs-pointer"``, ``"text"``,
+    ``"gzip"``, ``"empty"`` or ``"unknown"`` (see :data:`NOT_A_CHECKPOINT`).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    if not head:
+        return "empty"
+    if len(head) > 9:
+        header_length = int.from_bytes(head[:8], "little")
+        if head[8:9] == b"{" and 8 + header_length <= size:
+            return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        return "torch-zip"
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle"
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in text:
+        return "html"
+    if text.startswith(b"version https://git-lfs"):
+        return "git-lfs-pointer"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(head) - 3:    # not just a character cut off at the end of the 1 KB
+            return "unknown"
+    return "text"
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors and the decoded metadata of a checkpoint file, on the CPU."""
+    """The tensors and the decoded metadata of a checkpoint file, on the CPU.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a readable safetensors file; the message says
+            what it looks like instead (an HTML page, a torch.save file, ...).
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    kind = file_format(path)
+    if kind != "safetensors":
+        what = NOT_A_CHECKPOINT.get(kind, f"a {kind} file (torch.save), not safetensors")
+        raise ValueError(f"{path} is not a readable safetensors checkpoint: it looks like {what}")
     try:
         tensors = load_file(str(path), device="cpu")
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
     except (SafetensorError, OSError) as error:
-        raise ValueError(f"{path} is not a readable safetensors checkpoint: {error}") from None
+        raise ValueError(f"{path} is not a readable safetensors checkpoint: {error}; it may be "
+                         f"damaged or incomplete") from None
     metadata = {}
     for key, text in header.items():
         try:
@@ -367,6 +454,7 @@ def compare_state_dicts(expected: dict[str, torch.Tensor],
         ``{"missing": keys the model has but the checkpoint lacks,
         "unexpected": keys the checkpoint has but the model lacks,
         "shape_mismatch": (key, model shape, checkpoint shape) triples}``.
+        (:func:`checkpoint_report` adds the dtype check.)
     """
     return {
         "missing": sorted(expected.keys() - found.keys()),
@@ -377,14 +465,48 @@ def compare_state_dicts(expected: dict[str, torch.Tensor],
     }
 
 
+def dtype_kind(dtype: torch.dtype) -> str:
+    """``"bool"``, ``"integer"``, ``"floating"`` or ``"complex"``."""
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "floating"
+    return "integer"
+
+
+def compare_dtypes(expected: dict[str, torch.Tensor],
+                   found: dict[str, torch.Tensor]) -> list[tuple[str, torch.dtype, torch.dtype]]:
+    """``(key, model dtype, checkpoint dtype)`` for the common keys whose kinds of number differ.
+
+    ``load_state_dict`` copies values into the model's tensors and converts
+    them silently: integer or bool tensors into float weights, floats into
+    integer buffers (truncated). Such a pair means the file does not hold what
+    the model expects, so it is reported. A different *precision* of the same
+    kind (a float16 file into a float32 model, as SD3's official file is, or
+    int32 into int64) is an exact or rounding conversion and is allowed.
+    """
+    return sorted((key, expected[key].dtype, found[key].dtype)
+                  for key in expected.keys() & found.keys()
+                  if dtype_kind(expected[key].dtype) != dtype_kind(found[key].dtype))
+
+
+def checkpoint_report(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> dict[str, list]:
+    """:func:`compare_state_dicts` plus ``"dtype_mismatch"`` (:func:`compare_dtypes`): every check before loading."""
+    return {**compare_state_dicts(expected, found), "dtype_mismatch": compare_dtypes(expected, found)}
+
+
 def format_report(report: dict[str, list], limit: int = 20) -> str:
-    """A readable list of a :func:`compare_state_dicts` report, ``limit`` lines per kind."""
+    """A readable list of a :func:`checkpoint_report` (or :func:`compare_state_dicts`), ``limit`` lines per kind."""
     lines = []
     titles = {"missing": "missing from the checkpoint (the model has them)",
               "unexpected": "unexpected in the checkpoint (the model lacks them)",
-              "shape_mismatch": "shape mismatches (model vs checkpoint)"}
+              "shape_mismatch": "shape mismatches (model vs checkpoint)",
+              "dtype_mismatch": "dtype mismatches (model vs checkpoint; loading would convert "
+                                "the values silently)"}
     for kind, title in titles.items():
-        entries = report[kind]
+        entries = report.get(kind, [])
         if not entries:
             continue
         lines.append(f"{len(entries)} key(s) {title}:")
@@ -392,6 +514,9 @@ def format_report(report: dict[str, list], limit: int = 20) -> str:
             if kind == "shape_mismatch":
                 key, model_shape, file_shape = entry
                 entry = f"{key}: model {model_shape}, checkpoint {file_shape}"
+            elif kind == "dtype_mismatch":
+                key, model_dtype, file_dtype = entry
+                entry = f"{key}: model {model_dtype}, checkpoint {file_dtype}"
             lines.append(f"    {entry}")
         if len(entries) > limit:
             lines.append(f"    ... and {len(entries) - limit} more")
@@ -401,18 +526,20 @@ def format_report(report: dict[str, list], limit: int = 20) -> str:
 def load_checkpoint(path: str | Path, model: nn.Module, strict: bool = True) -> dict:
     """Load a :func:`save_checkpoint` file into ``model``; return its metadata.
 
-    Before touching the model, the checkpoint's keys and shapes are compared with
-    the model's. Shape mismatches are always an error. Missing or unexpected
-    keys are an error when ``strict`` (the default); otherwise they are printed
-    and the matching tensors are loaded.
+    Before touching the model, the checkpoint's keys, shapes and dtypes are
+    compared with the model's (:func:`checkpoint_report`). Shape and dtype
+    mismatches (e.g. an integer tensor for a float weight) are always an error.
+    Missing or unexpected keys are an error when ``strict`` (the default);
+    otherwise they are printed and the matching tensors are loaded.
 
     Raises:
         FileNotFoundError: no file at ``path``.
         ValueError: the file is not a safetensors file, or the report lists problems.
     """
     tensors, metadata = read_checkpoint(path)
-    report = compare_state_dicts(model.state_dict(), tensors)
-    problems = report["shape_mismatch"] or (strict and (report["missing"] or report["unexpected"]))
+    report = checkpoint_report(model.state_dict(), tensors)
+    problems = (report["shape_mismatch"] or report["dtype_mismatch"]
+                or (strict and (report["missing"] or report["unexpected"])))
     if problems:
         raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}:\n"
                          + format_report(report)
@@ -433,6 +560,18 @@ def load_or_train(path: str | Path, model: nn.Module, train_fn: Callable[[], obj
     its losses are saved with the weights and a History is returned either way,
     so the loss curve can still be drawn after loading.
 
+    What happens when something is wrong:
+
+    - **A damaged file** (not a readable safetensors file: truncated, an HTML
+      page, ...) is moved aside to ``<path>.damaged`` with a warning, and the
+      model is trained and saved anew: nothing is lost, and the notebook goes on.
+    - **A readable file that does not fit the model** (the settings changed
+      since it was saved) is an error that lists the differences and says to
+      delete the file (or use another path) to retrain.
+    - **A folder that cannot be written** (read-only, full): the trained weights
+      are saved in a fallback folder under the system's temporary folder
+      instead, with a warning naming the file, so a finished run is never lost.
+
     Args:
         path: the checkpoint file.
         model: the model that ``train_fn`` trains (in place).
@@ -447,16 +586,45 @@ def load_or_train(path: str | Path, model: nn.Module, train_fn: Callable[[], obj
     """
     path = Path(path)
     if path.is_file():
-        saved = load_checkpoint(path, model)
-        print(f"loaded {path} instead of training (delete the file to retrain)")
-        if "history" not in saved:
-            return None
-        history = History(saved["history"]["losses"])
-        history.seconds = saved["history"].get("seconds", 0.0)
-        return history
+        try:
+            tensors, saved = read_checkpoint(path)
+        except ValueError as error:
+            damaged = path.with_name(path.name + ".damaged")
+            try:
+                os.replace(path, damaged)
+            except OSError as move_error:
+                raise ValueError(f"{error}. It could not be moved aside ({move_error.strerror or move_error}): "
+                                 f"delete {path} to train again.") from None
+            warnings.warn(f"{error}.\nMoved it to {damaged} and training again.", stacklevel=2)
+        else:
+            _load_fitting(path, model, tensors)
+            print(f"loaded {path} instead of training (delete the file to retrain)")
+            if "history" not in saved:
+                return None
+            history = History(saved["history"]["losses"])
+            history.seconds = saved["history"].get("seconds", 0.0)
+            return history
     result = train_fn()
     if isinstance(result, History):
         metadata["history"] = {"losses": list(result), "seconds": result.seconds}
-    save_checkpoint(path, model, **metadata)
-    print(f"saved {path}")
+    try:
+        save_checkpoint(path, model, **metadata)
+        print(f"saved {path}")
+    except OSError as error:
+        fallback = Path(tempfile.gettempdir()) / "minilib-checkpoints" / path.name
+        save_checkpoint(fallback, model, **metadata)
+        warnings.warn(f"could not save {path} ({error.strerror or error}); the trained weights are in "
+                      f"{fallback} instead. Copy that file to a folder you can write to, or pass "
+                      f"another path.", stacklevel=2)
     return result
+
+
+def _load_fitting(path: Path, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load ``tensors`` strictly, or raise saying how to retrain."""
+    report = checkpoint_report(model.state_dict(), tensors)
+    if any(report.values()):
+        raise ValueError(f"checkpoint {path} does not fit {type(model).__name__} (were the settings "
+                         f"changed since it was saved?):\n{format_report(report)}\nDelete {path} "
+                         f"(or pass another path) to train again with the current settings.")
+    with torch.no_grad():
+        model.load_state_dict(tensors, strict=True)

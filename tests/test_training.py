@@ -217,3 +217,117 @@ def test_load_or_train(tmp_path, capsys):
     assert torch.equal(first.weight, second.weight)
     assert list(loaded) == list(history)
     assert "loaded" in capsys.readouterr().out
+
+
+# --- hardening: argument checks, dtypes, atomic saves, damaged files --------------
+
+
+@pytest.mark.parametrize("grad_clip", [0, 0.0, -1.0, float("nan"), float("inf")])
+def test_train_refuses_a_gradient_clip_that_is_not_positive(grad_clip):
+    batches, loss_fn = regression_problem()
+    with pytest.raises(ValueError, match=r"grad_clip .*must be a finite number > 0 or None, got"):
+        train(nn.Linear(4, 1), loss_fn, batches, steps=1, grad_clip=grad_clip, progress=False)
+    with pytest.raises(ValueError, match="max_norm must be"):
+        clip_gradients(nn.Linear(1, 1), grad_clip)
+
+
+def test_train_refuses_bad_learning_rates_and_weight_decay():
+    batches, loss_fn = regression_problem()
+    model = nn.Linear(4, 1)
+    for bad in (0.0, -1e-3, float("nan")):
+        with pytest.raises(ValueError, match=r"lr \(the learning rate\) must be a finite number > 0"):
+            train(model, loss_fn, batches, steps=1, lr=bad, progress=False)
+    with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0"):
+        train(model, loss_fn, batches, steps=1, weight_decay=-0.1, progress=False)
+    with pytest.raises(TypeError, match="grad_clip .*must be a number or None, got '1'"):
+        train(model, loss_fn, batches, steps=1, grad_clip="1", progress=False)
+    before = model.weight.detach().clone()
+    history = train(model, loss_fn, batches, steps=3, grad_clip=None, progress=False)   # None: no clipping
+    assert len(history) == 3 and not torch.equal(before, model.weight)
+
+
+def test_integer_or_bool_tensors_for_float_weights_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    model = nn.Linear(3, 2)
+    path = tmp_path / "ints.safetensors"
+    save_file({"weight": torch.ones(2, 3, dtype=torch.int64), "bias": torch.ones(2, dtype=torch.bool)}, str(path))
+    before = model.weight.detach().clone()
+    with pytest.raises(ValueError) as error:
+        load_checkpoint(path, model)
+    message = str(error.value)
+    assert "2 key(s) dtype mismatches" in message
+    assert "weight: model torch.float32, checkpoint torch.int64" in message
+    assert "bias: model torch.float32, checkpoint torch.bool" in message
+    with pytest.raises(ValueError, match="dtype mismatches"):
+        load_checkpoint(path, model, strict=False)        # never loaded, even when not strict
+    assert torch.equal(model.weight, before)
+    # A float16 file loads into a float32 model (same kind of number, another precision).
+    save_file({"weight": torch.full((2, 3), 0.5, dtype=torch.float16), "bias": torch.zeros(2, dtype=torch.float16)},
+              str(path))
+    load_checkpoint(path, model)
+    assert model.weight.dtype == torch.float32 and torch.all(model.weight == 0.5)
+
+
+def test_an_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    path = tmp_path / "model.safetensors"
+    first = nn.Linear(4, 1)
+    save_checkpoint(path, first)
+    good = path.read_bytes()
+
+    def old_safetensors_that_dies_halfway(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:     # writes straight to the name it is given, then fails
+            f.write(b"\x00" * 40)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", old_safetensors_that_dies_halfway)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, nn.Linear(4, 1))
+    assert path.read_bytes() == good                       # the old checkpoint, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]   # no temporary file left
+
+
+def test_load_or_train_moves_a_damaged_file_aside_and_trains(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"<!DOCTYPE html><html>503 Service Unavailable</html>")
+    calls = []
+
+    def train_fn():
+        calls.append(1)
+        batches, loss_fn = regression_problem()
+        return train(model, loss_fn, batches, steps=2, progress=False)
+
+    model = nn.Linear(4, 1)
+    with pytest.warns(UserWarning, match=r"looks like an HTML page.*\n.*Moved it to .*model\.safetensors\.damaged"):
+        history = load_or_train(path, model, train_fn)
+    assert calls == [1] and len(history) == 2
+    assert (tmp_path / "model.safetensors.damaged").read_bytes().startswith(b"<!DOCTYPE html>")
+    other = nn.Linear(4, 1)
+    load_checkpoint(path, other)                           # the new file is a good checkpoint
+    assert torch.equal(other.weight, model.weight)
+
+
+def test_load_or_train_with_a_file_for_other_settings_says_to_delete_it(tmp_path):
+    path = save_checkpoint(tmp_path / "model.safetensors", nn.Linear(4, 1))
+    expected = r"(?s)weight: model \(1, 5\), checkpoint \(1, 4\).*Delete .*model\.safetensors"
+    with pytest.raises(ValueError, match=expected):
+        load_or_train(path, nn.Linear(5, 1), lambda: pytest.fail("must not train"))
+
+
+def test_load_or_train_keeps_the_weights_when_the_folder_is_not_writable(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    blocker = tmp_path / "read-only"
+    blocker.write_text("a file where the checkpoint folder should be")
+    model = nn.Linear(4, 1)
+    batches, loss_fn = regression_problem()
+    with pytest.warns(UserWarning, match=r"could not save .*the trained weights are in .*minilib-checkpoints"):
+        load_or_train(blocker / "ckpt" / "model.safetensors", model,
+                      lambda: train(model, loss_fn, batches, steps=2, progress=False))
+    fallback = tmp_path / "tmp" / "minilib-checkpoints" / "model.safetensors"
+    other = nn.Linear(4, 1)
+    load_checkpoint(fallback, other)
+    assert torch.equal(other.weight, model.weight)
