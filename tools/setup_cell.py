@@ -1,8 +1,11 @@
 """The first code cell of every notebook, generated from ``_config.yml``.
 
 Every chapter starts with the same cell: on Colab it installs ``minilib`` from
-the book's repository (whose url lives only in ``_config.yml``), then it calls
-``minilib.budget.setup_notebook()``. The cell is tagged ``setup``.
+the book's repository (whose url lives only in ``_config.yml``) without its
+dependencies, then those dependencies except torch (read from
+``pyproject.toml``), so that the runtime's PyTorch is never replaced; it checks
+that everything was installed and stops with a clear message if not. Then it
+calls ``minilib.budget.setup_notebook()``. The cell is tagged ``setup``.
 
     python3 tools/setup_cell.py           # print the cell
     python3 tools/setup_cell.py --write   # put it into every notebooks/*.ipynb
@@ -15,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import textwrap
 import uuid
 from pathlib import Path
 
@@ -24,15 +29,49 @@ TAG = "setup"
 
 TEMPLATE = '''\
 # Setup. Where minilib is missing (on Colab), install the book's library from
-# GitHub. --no-deps keeps the PyTorch that is already installed.
+# GitHub, then its dependencies except PyTorch (the runtime's own is kept).
 try:
     import minilib
 except ImportError:
     %pip install --quiet --no-deps "git+{url}@{branch}"
-    %pip install --quiet einops torchinfo
+    %pip install --quiet {requirements}
+    import importlib, importlib.metadata
+    importlib.invalidate_caches()
+    missing = []
+    for package in ["minilib",
+                    {packages}]:
+        try:
+            importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(package)
+    if missing:
+        raise RuntimeError(f"Installing {{', '.join(missing)}} failed (pip's messages are above). Check "
+                           "the internet connection, then run this cell again.")
 from minilib.budget import setup_notebook
 
 device = setup_notebook()  # seed everything; print the run budget and the device'''
+
+
+def dependencies(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
+    """minilib's requirements (``[project] dependencies``) without PyTorch, e.g. ``["numpy", "einops"]``.
+
+    A tiny reader for the one list this needs (``tomllib`` is missing from
+    Python 3.10). The setup cell installs these after minilib itself, which it
+    installs with ``--no-deps`` so that pip never touches the runtime's torch.
+    """
+    text = pyproject.read_text(encoding="utf-8")
+    start = text.find("\ndependencies = [")
+    if start < 0:
+        raise ValueError(f"{pyproject} has no `dependencies = [` list")
+    block = text[text.index("[", start) + 1:text.index("]", start)]
+    requirements = [line.split("#", 1)[0].strip().rstrip(",").strip().strip("\"'")
+                    for line in block.splitlines()]
+    return [r for r in requirements if r and _name(r) != "torch"]
+
+
+def _name(requirement: str) -> str:
+    """The distribution name of a requirement such as ``"numpy>=1.24"``."""
+    return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].strip().lower()
 
 
 def repository(config: Path = ROOT / "_config.yml") -> tuple[str, str]:
@@ -54,10 +93,15 @@ def repository(config: Path = ROOT / "_config.yml") -> tuple[str, str]:
     return values["url"], values.get("branch", "main")
 
 
-def cell_source(config: Path = ROOT / "_config.yml") -> str:
+def cell_source(config: Path = ROOT / "_config.yml", pyproject: Path = ROOT / "pyproject.toml") -> str:
     """The canonical setup cell's source."""
     url, branch = repository(config)
-    return TEMPLATE.format(url=url, branch=branch)
+    requirements = dependencies(pyproject)
+    packages = textwrap.wrap(", ".join(f'"{_name(r)}"' for r in requirements), width=72,
+                             break_on_hyphens=False, break_long_words=False)
+    return TEMPLATE.format(url=url, branch=branch,
+                           requirements=" ".join(f'"{r}"' for r in requirements),
+                           packages=("\n" + " " * 20).join(packages))
 
 
 def _source_text(cell: dict) -> str:
