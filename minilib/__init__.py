@@ -9,6 +9,7 @@ One concept per file, in the order the book introduces them:
 | 3 adaLN modulation | ``adaln.py`` | ``modulate``, ``DiTBlock``, ``FinalLayer``, ``TinyDenoiser`` |
 | 4 Latent autoencoders | ``autoencoder.py`` | ``AutoencoderKL``, ``DiagonalGaussian``, ``vae_loss`` |
 | 5 Diffusion with a transformer | ``diffusion.py``, ``dit.py`` | DDPM/DDIM, schedules, guidance; ``DiT`` |
+| 5-6 Interlude | ``parameterisation.py`` | eps, x0, score and velocity; DDIM as Euler, DDPM as Euler-Maruyama |
 | 6 Flow matching, Euler sampling | ``flow.py`` | rectified flow, SD3's shifted sigmas, ``to_d``, ``sample_euler``, Heun |
 | 7 MM-DiT | ``mmdit.py`` | joint attention (``block_mixing``), ``DismantledBlock``, ``MMDiT`` |
 | 8 Few-shot generation | ``fewshot.py`` | the sViT set encoder, the context-conditioned DiT, ``VFSDDPM`` |

@@ -32,7 +32,7 @@ import torch
 __all__ = [
     "ExerciseError",
     "check_patchify", "check_sincos_embedding", "check_timestep_embedding", "check_modulate",
-    "check_reparameterise", "check_kl", "check_q_sample", "check_ddim_step", "check_to_d",
+    "check_reparameterise", "check_kl", "check_q_sample", "check_ddim_step", "check_velocity_from_eps", "check_to_d",
     "check_euler_step", "check_block_mixing", "check_leave_one_out", "check_nearest_code",
     "check_block_causal_mask", "check_mask_schedule", "check_ddpm_step", "check_compare_state_dicts",
 ]
@@ -653,6 +653,34 @@ def check_to_d(fn: Callable) -> None:
          error_hint="sigma may be (B,): reshape it to (B, 1, 1, ...) (minilib.flow.append_dims) before dividing.",
          hint="(x - denoised) / sigma, with sigma reshaped to (B, 1, 1, ...) when it has one entry per sample "
               "(a (B,) sigma would otherwise line up with x's last axis).")
+
+
+def check_velocity_from_eps(fn: Callable) -> None:
+    """Check ``fn(x_t, eps, a, b, da, db)``: the path velocity ``da * x0_hat + db * eps`` from an eps prediction.
+
+    ``x_t = a x0 + b eps`` with a and b floats or tensors broadcastable to ``x_t``; like
+    ``minilib.parameterisation.velocity_from_eps``.
+    """
+    from .parameterisation import velocity_from_eps
+
+    def forgot_x0(x_t, eps, a, b, da, db):
+        return da * x_t + db * eps
+
+    def wrong_x0(x_t, eps, a, b, da, db):
+        return da * (x_t - eps) / a + db * eps
+
+    abar = torch.tensor([0.9, 0.5, 0.05]).reshape(3, 1, 1, 1)
+    cases = [Case("rectified flow at t = 0.3 (a = 0.7, b = 0.3, da = -1, db = 1): v = eps - x0",
+                  (_randn(2, 1, 4, 4, seed=60), _randn(2, 1, 4, 4, seed=61), 0.7, 0.3, -1.0, 1.0)),
+             Case("DDPM-like coefficients per sample, a = sqrt(abar), b = sqrt(1 - abar), (3, 1, 1, 1) each",
+                  (_randn(3, 2, 3, 3, seed=62), _randn(3, 2, 3, 3, seed=63), abar.sqrt(), (1 - abar).sqrt(),
+                   -0.5 / abar.sqrt(), 0.5 / (1 - abar).sqrt())),
+             Case("a = 1 (no signal lost) and b = 0.01", (_randn(4, 8, seed=64), _randn(4, 8, seed=65), 1.0, 0.01,
+                                                          -1.0, 1.0))]
+    _run(fn, cases, velocity_from_eps, "minilib.parameterisation.velocity_from_eps", rtol=1e-5, atol=1e-5,
+         mistakes=[Mistake(forgot_x0, "da multiplies the *clean* image x0_hat = (x_t - b eps) / a, not x_t itself."),
+                   Mistake(wrong_x0, "x0_hat = (x_t - b * eps) / a: the noise enters x_t scaled by b.")],
+         hint="first x0_hat = (x_t - b * eps) / a (Tweedie's formula in eps form), then v = da * x0_hat + db * eps.")
 
 
 def _toy_denoiser(x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -18,6 +18,7 @@ from minilib.checks import ExerciseError
 from minilib.fewshot import leave_one_out
 from minilib.flow import sample_euler, to_d
 from minilib.mar import mask_schedule
+from minilib.parameterisation import velocity_from_eps
 from minilib.mmdit import attention, block_mixing
 from minilib.patch_embed import get_1d_sincos_pos_embed, patchify
 from minilib.quantize import nearest_code
@@ -51,6 +52,7 @@ RIGHT = {
     "check_q_sample": lambda process, x0, t, noise: process.q_sample(x0, t, noise),
     "check_ddim_step": lambda process, x_t, t, x0: process._ddim_step(x_t, t, x0, torch.zeros_like(x_t), eta=0.0),
     "check_to_d": to_d,
+    "check_velocity_from_eps": velocity_from_eps,
     "check_euler_step": lambda denoiser, x, sigma, sigma_next: sample_euler(denoiser, x, torch.stack([sigma, sigma_next])),
     "check_block_mixing": block_mixing,
     "check_leave_one_out": leave_one_out,
@@ -369,3 +371,10 @@ def test_compare_state_dicts_accepts_any_order_and_catches_swaps():
         return dict(report, missing=report["unexpected"], unexpected=report["missing"])
 
     fails_with(checks.check_compare_state_dicts, swapped, "Yours are swapped", "['missing']")
+
+
+def test_velocity_mistakes_get_their_hints():
+    with pytest.raises(ExerciseError, match="da multiplies the \\*clean\\* image"):
+        checks.check_velocity_from_eps(lambda x_t, eps, a, b, da, db: da * x_t + db * eps)
+    with pytest.raises(ExerciseError, match="scaled by b"):
+        checks.check_velocity_from_eps(lambda x_t, eps, a, b, da, db: da * (x_t - eps) / a + db * eps)
