@@ -49,40 +49,32 @@ def check_range(values: torch.Tensor, low: int, high: int, what: str) -> None:
 # numeric rule: ``nan < 0`` is False, so the rules test for what is allowed, not for what is not.
 
 
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _describe(value) -> str:
-    return f"{value!r} ({type(value).__name__})"
-
-
 class Rule:
-    """A named predicate on one argument: ``rule(where, name, value)`` raises or returns None."""
+    """The allowed values of one argument, for ``check_arguments``: a range, and whether it must be an int.
 
-    def __init__(self, expected: str, is_allowed, *, integer: bool = False, allow_none: bool = False):
-        self.expected, self.is_allowed, self.integer, self.allow_none = expected, is_allowed, integer, allow_none
+    ``rule(where, name, value)`` calls ``check_number``, so the messages are the same
+    as for arguments checked by hand.
+    """
+
+    def __init__(self, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+                 high_open: bool = False, integer: bool = False, allow_none: bool = False):
+        self.bounds = dict(low=low, high=high, low_open=low_open, high_open=high_open, integer=integer,
+                           allow_none=allow_none)
 
     def __call__(self, where: str, name: str, value) -> None:
-        if value is None and self.allow_none:
-            return
-        wanted_type = isinstance(value, numbers.Integral) if self.integer else _is_real(value)
-        if isinstance(value, bool) or not wanted_type:
-            raise TypeError(f"{where}: {name} must be {self.expected}, got {_describe(value)}")
-        if not self.is_allowed(value):
-            raise ValueError(f"{where}: {name} must be {self.expected}, got {_describe(value)}")
+        check_number(value, f"{where}: {name}" if where else name, **self.bounds)
 
     def or_none(self) -> "Rule":
-        return Rule(self.expected + " or None", self.is_allowed, integer=self.integer, allow_none=True)
+        return Rule(**{**self.bounds, "allow_none": True})
 
 
-POSITIVE_INT = Rule("a positive int", lambda v: v >= 1, integer=True)
-NON_NEGATIVE_INT = Rule("an int >= 0", lambda v: v >= 0, integer=True)
-POSITIVE = Rule("a finite number > 0", lambda v: math.isfinite(v) and v > 0)
-NON_NEGATIVE = Rule("a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
-FINITE = Rule("a finite number", lambda v: math.isfinite(v))
-PROBABILITY = Rule("a probability in [0, 1)", lambda v: 0 <= v < 1)
-UNIT_INTERVAL = Rule("a number in [0, 1]", lambda v: 0 <= v <= 1)
+POSITIVE_INT = Rule(1, integer=True)
+NON_NEGATIVE_INT = Rule(0, integer=True)
+POSITIVE = Rule(0, low_open=True)
+NON_NEGATIVE = Rule(0)
+FINITE = Rule()
+PROBABILITY = Rule(0, 1, high_open=True)
+UNIT_INTERVAL = Rule(0, 1)
 
 
 def check_arguments(**rules: Rule):
@@ -177,38 +169,42 @@ def check_in_interval(where: str, name: str, x: torch.Tensor, low: float, high: 
 
 
 def check_number(value, name: str, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, allow_none: bool = False) -> None:
-    """Raise unless ``value`` is a finite real number in the given range.
+                 low_open: bool = False, allow_none: bool = False, *, high_open: bool = False,
+                 integer: bool = False) -> None:
+    """Raise unless ``value`` is a finite real number (an int, with ``integer``) in the given range.
 
     Args:
         value: the argument to check.
-        name: its name, for the message (e.g. ``"grad_clip"``).
-        low, high: bounds; ``high`` is always inclusive, ``low`` inclusive unless
-            ``low_open`` (then ``value > low`` is required).
+        name: its name, for the message (e.g. ``"grad_clip"``, or ``"DiT: depth"``).
+        low, high: bounds, inclusive unless ``low_open`` / ``high_open``.
         allow_none: accept ``None`` (e.g. "no clipping").
+        integer: require an int (``numbers.Integral``; a float such as 2.0 is refused).
 
     NaN fails every comparison, so ``nan < 0`` is False and a check written as
     ``if value < 0: raise`` lets it through. Here finiteness is tested first.
 
     Raises:
-        TypeError: not a real number (a string, a tensor, a bool).
+        TypeError: not a real number (a string, a tensor, a bool), or not an int with ``integer``.
         ValueError: NaN, infinite, or out of range; the message names ``name``.
     """
     if value is None and allow_none:
         return
     none = " or None" if allow_none else ""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number{none}, got {value!r} ({type(value).__name__})")
+    kind = "an int" if integer else "a number"
+    wanted_type = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, wanted_type):
+        raise TypeError(f"{name} must be {kind}{none}, got {value!r} ({type(value).__name__})")
+    finite = "" if integer else "finite "
     if low is None and high is None:
-        wanted = "a finite number"
+        wanted = f"a {finite}number"
     elif high is None:
-        wanted = f"a finite number {'>' if low_open else '>='} {low:g}"
+        wanted = f"{'an int' if integer else f'a {finite}number'} {'>' if low_open else '>='} {low:g}"
     elif low is None:
-        wanted = f"a finite number <= {high:g}"
+        wanted = f"{'an int' if integer else f'a {finite}number'} {'<' if high_open else '<='} {high:g}"
     else:
-        wanted = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+        wanted = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and value > high
+    too_high = high is not None and (value >= high if high_open else value > high)
     if not math.isfinite(value) or too_low or too_high:
         raise ValueError(f"{name} must be {wanted}{none}, got {value!r}")
 

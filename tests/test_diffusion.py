@@ -284,7 +284,7 @@ def test_bad_inputs_are_explained():
         diffusion.p_sample_loop(lambda x, t: x[:, :2], (2, 3), seed=0)
     with pytest.raises(ValueError, match="noise has shape"):
         diffusion.ddim_sample_loop(lambda x, t: x, (2, 3), noise=torch.zeros(2, 4))
-    with pytest.raises(ValueError, match=r"eta must be a number in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\], got -1.0"):
         diffusion.ddim_sample_loop(lambda x, t: x, (2, 3), eta=-1.0)
 
 
