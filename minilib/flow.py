@@ -40,12 +40,15 @@ Names and formulas follow SD3's reference code (``sd3_impls.py``,
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 from torch import nn
 
-NUM_TIMESTEPS = 1000   # SD3 trains on 1000 discrete timesteps, sigma(timestep / 1000)
+from .validation import POSITIVE, POSITIVE_INT, check_arguments
+
+NUM_TIMESTEPS = 1000   # SD3's inference code tabulates sigma(timestep / 1000) at 1000 timesteps
 
 
 # ---------------------------------------------------------------------------
@@ -155,6 +158,7 @@ def time_snr_shift(shift: float, t):
     return shift * t / (1 + (shift - 1) * t)
 
 
+@check_arguments(num_steps=POSITIVE_INT, shift=POSITIVE)
 def sigmas(num_steps: int, shift: float = 3.0) -> torch.Tensor:
     """The noise levels of a sampling run, built as SD3's ``get_sigmas`` does.
 
@@ -171,8 +175,6 @@ def sigmas(num_steps: int, shift: float = 3.0) -> torch.Tensor:
     Returns:
         float32 ``(num_steps + 1,)``, decreasing from 1 to 0.
     """
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
     table = time_snr_shift(shift, torch.arange(1, NUM_TIMESTEPS + 1) / NUM_TIMESTEPS)
     sigma_min, sigma_max = table[0], table[-1]
     timesteps = torch.linspace(sigma_max * NUM_TIMESTEPS, sigma_min * NUM_TIMESTEPS, num_steps)
@@ -352,8 +354,9 @@ def _check_sampler_inputs(x, sigmas) -> None:
     # tensor would make the host wait for the device before every sampling run.
     if sigmas.device.type == "cpu":
         levels = sigmas.tolist()
-        if any(later >= earlier for earlier, later in zip(levels, levels[1:])) or levels[-1] < 0:
-            raise ValueError(f"sigmas must decrease strictly and end at a level >= 0, got {levels}")
+        if (not all(math.isfinite(level) for level in levels)  # NaN would pass the comparisons below
+                or any(later >= earlier for earlier, later in zip(levels, levels[1:])) or levels[-1] < 0):
+            raise ValueError(f"sigmas must decrease strictly, be finite and end at a level >= 0, got {levels}")
 
 
 # ---------------------------------------------------------------------------

@@ -50,6 +50,8 @@ from torch import nn
 from .adaln import FinalLayer, Mlp, modulate, zero_init
 from .patch_embed import PatchEmbed, cropped_pos_embed, get_2d_sincos_pos_embed, unpatchify
 from .timestep import TimestepEmbedder
+from .validation import (NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, check_arguments, check_divisible, check_float_input,
+                         check_timesteps)
 
 QK_NORMS = (None, "rms")
 
@@ -294,14 +296,16 @@ class MMDiT(nn.Module):
         register_length: learned tokens prepended to the context.
     """
 
+    @check_arguments(in_channels=POSITIVE_INT, hidden_size=POSITIVE_INT, depth=POSITIVE_INT, num_heads=POSITIVE_INT,
+                     pos_embed_max_size=POSITIVE_INT, patch_size=POSITIVE_INT, adm_in_channels=POSITIVE_INT.or_none(),
+                     context_dim=POSITIVE_INT.or_none(), out_channels=POSITIVE_INT.or_none(), mlp_ratio=POSITIVE,
+                     register_length=NON_NEGATIVE_INT)
     def __init__(self, in_channels: int, hidden_size: int, depth: int, num_heads: int, pos_embed_max_size: int,
                  patch_size: int = 2, adm_in_channels: int | None = None, context_dim: int | None = None,
                  out_channels: int | None = None, mlp_ratio: float = 4.0, qk_norm: str | None = None,
                  x_block_self_attn_layers: tuple[int, ...] | list[int] = (), register_length: int = 0):
         super().__init__()
-        if depth < 1 or register_length < 0 or pos_embed_max_size < 1:
-            raise ValueError(f"need depth >= 1, pos_embed_max_size >= 1 and register_length >= 0; got "
-                             f"{depth}, {pos_embed_max_size}, {register_length}")
+        check_divisible("MMDiT", "hidden_size", hidden_size, "num_heads", num_heads)
         bad_layers = [i for i in x_block_self_attn_layers if not 0 <= i < depth]
         if bad_layers:
             raise ValueError(f"x_block_self_attn_layers {bad_layers} are not block indices 0..{depth - 1}")
@@ -359,8 +363,11 @@ class MMDiT(nn.Module):
         return cropped_pos_embed(self.pos_embed, self.pos_embed_max_size, height, width)
 
     def _check_inputs(self, x, t, y, context) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"MMDiT expects images x of shape (B, C, H, W), got {tuple(x.shape)}")
+        check_float_input("MMDiT", "x", x, ndim=4, layout="(B, C, H, W)", like=self.x_embedder.proj.weight)
+        check_timesteps("MMDiT", "t", t)
+        for name, value in (("y", y), ("context", context)):
+            if value is not None:
+                check_float_input("MMDiT", name, value, like=self.x_embedder.proj.weight)
         B, _, H, W = x.shape
         p, max_side = self.patch_size, self.patch_size * self.pos_embed_max_size
         if H % p or W % p:

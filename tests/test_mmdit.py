@@ -298,7 +298,7 @@ def test_bad_configuration_raises_a_clear_error():
         small_model(qk_norm="ln")
     with pytest.raises(ValueError, match="not block indices"):
         small_model(x_block_self_attn_layers=[4])
-    with pytest.raises(ValueError, match="not divisible by num_heads"):
+    with pytest.raises(ValueError, match=r"hidden_size \(\d+\) must be divisible by num_heads"):
         small_model(num_heads=5)
     with pytest.raises(ValueError, match=r"skip_layers \[4\] are not block indices 0..3"):
         model = small_model()
