@@ -454,13 +454,20 @@ class VAR(nn.Module):
         """``head(head_nm(h, cond))``: tokens ``(B, L, C)`` to logits ``(B, L, V)``."""
         return self.head(self.head_nm(h_BLC, cond_BD))
 
-    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
+    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor,
+                drop_labels: bool | None = None) -> torch.Tensor:
         """Teacher-forced logits for every scale at once.
 
         Args:
             label_B: int64 ``(B,)`` classes in ``[0, num_classes]`` (``num_classes`` is
-                the null class). In training mode each is replaced by the null
-                class with probability ``cond_drop_rate``.
+                the null class).
+            drop_labels: replace each label by the null class with probability
+                ``cond_drop_rate`` (label dropout, for classifier-free guidance),
+                drawing ``torch.rand(B)`` from the global generator. None (default):
+                in training mode only. The official ``VAR.forward`` drops labels in
+                every mode, evaluation included, so its eval-mode logits are those of
+                ``drop_labels=True`` (same seed, same draw); the book keeps evaluation
+                deterministic and leaves the labels alone there.
             x_BLCv_wo_first_l: ``(B, L - first_l, Cvae)``, the inputs of scales
                 ``2..K``: the VQ-VAE's features of the ground-truth scales ``1..k-1``
                 resized to scale ``k`` (``quantize.idxBl_to_var_input``).
@@ -475,7 +482,7 @@ class VAR(nn.Module):
                              f"(L - first_l, Cvae), got {tuple(getattr(x_BLCv_wo_first_l, 'shape', ()))}")
         B = x_BLCv_wo_first_l.shape[0]
         label_B = self._check_labels(label_B, B)
-        if self.training and self.cond_drop_rate > 0:  # label dropout for classifier-free guidance
+        if self.training if drop_labels is None else drop_labels:  # label dropout for classifier-free guidance
             drop = torch.rand(B, device=label_B.device) < self.cond_drop_rate
             label_B = torch.where(drop, self.num_classes, label_B)
         sos = cond_BD = self.class_emb(label_B)
@@ -603,8 +610,9 @@ class VAR(nn.Module):
             raise ValueError(f"the VQ-VAE is on {quant.embedding.weight.device} but VAR is on {device}; "
                              "move both (VAR does not move its vae_proxy)")
         rng = None if g_seed is None else torch.Generator(device=device).manual_seed(g_seed)
-        if label_B is None:
-            label_B = torch.randint(self.num_classes, (B,), generator=rng, device=device)
+        if label_B is None:  # uniform classes, drawn as the official code draws them (same seed, same classes)
+            uniform = torch.full((1, self.num_classes), 1.0 / self.num_classes, device=device)
+            label_B = torch.multinomial(uniform, num_samples=B, replacement=True, generator=rng).reshape(B)
         elif isinstance(label_B, int):
             label_B = torch.full((B,), self.num_classes if label_B < 0 else label_B, device=device)
         label_B = self._check_labels(label_B, B)
