@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .validation import NON_NEGATIVE, POSITIVE_INT, PROBABILITY, check_arguments
+
 
 def _check_vectors(z: torch.Tensor, dim: int, who: str) -> None:
     if not isinstance(z, torch.Tensor):
@@ -153,14 +155,11 @@ class VectorQuantizer(nn.Module):
         restarts: how many codes have been restarted so far.
     """
 
+    @check_arguments(vocab_size=POSITIVE_INT, dim=POSITIVE_INT, beta=NON_NEGATIVE, dead_code_threshold=NON_NEGATIVE,
+                     usage_decay=PROBABILITY)
     def __init__(self, vocab_size: int, dim: int, beta: float = 0.25, l2_norm: bool = False,
                  dead_code_threshold: float = 0.0, usage_decay: float = 0.99):
         super().__init__()
-        if vocab_size < 1 or dim < 1:
-            raise ValueError(f"vocab_size and dim must be positive, got {vocab_size} and {dim}")
-        if beta < 0 or dead_code_threshold < 0 or not 0 <= usage_decay < 1:
-            raise ValueError(f"need beta >= 0, dead_code_threshold >= 0 and 0 <= usage_decay < 1; got "
-                             f"{beta}, {dead_code_threshold}, {usage_decay}")
         self.vocab_size, self.dim, self.beta, self.l2_norm = vocab_size, dim, beta, l2_norm
         self.dead_code_threshold, self.usage_decay = dead_code_threshold, usage_decay
         self.embedding = nn.Embedding(vocab_size, dim)
@@ -268,11 +267,10 @@ class ResidualVQ(nn.Module):
         quantizers: ``nn.ModuleList`` of D ``VectorQuantizer``.
     """
 
+    @check_arguments(depth=POSITIVE_INT)
     def __init__(self, depth: int, vocab_size: int, dim: int, beta: float = 0.25, l2_norm: bool = False,
                  dead_code_threshold: float = 0.0):
         super().__init__()
-        if depth < 1:
-            raise ValueError(f"depth must be at least 1, got {depth}")
         self.depth, self.dim = depth, dim
         self.quantizers = nn.ModuleList(
             VectorQuantizer(vocab_size, dim, beta, l2_norm, dead_code_threshold) for _ in range(depth))

@@ -195,7 +195,9 @@ def check_number(value, name: str, low: float | None = None, high: float | None 
     if isinstance(value, bool) or not isinstance(value, wanted_type):
         raise TypeError(f"{name} must be {kind}{none}, got {value!r} ({type(value).__name__})")
     finite = "" if integer else "finite "
-    if low is None and high is None:
+    if integer and low == 1 and high is None and not low_open:
+        wanted = "a positive int"
+    elif low is None and high is None:
         wanted = f"a {finite}number"
     elif high is None:
         wanted = f"{'an int' if integer else f'a {finite}number'} {'>' if low_open else '>='} {low:g}"

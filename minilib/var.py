@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adaln import Mlp, modulate
+from .validation import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY, UNIT_INTERVAL,
+                         check_arguments, check_divisible)
 from .vqvae import VAR_PATCH_NUMS
 
 
@@ -376,6 +378,9 @@ class VAR(nn.Module):
     ``attn_drop_rate``) are 0 in every released model and are left out.
     """
 
+    @check_arguments(num_classes=POSITIVE_INT, depth=POSITIVE_INT, embed_dim=POSITIVE_INT, num_heads=POSITIVE_INT,
+                     mlp_ratio=POSITIVE, drop_path_rate=PROBABILITY, norm_eps=POSITIVE, cond_drop_rate=PROBABILITY,
+                     Cvae=POSITIVE_INT.or_none(), vocab_size=POSITIVE_INT.or_none())
     def __init__(self, vae_local: nn.Module | None = None, num_classes: int = 1000, depth: int = 16,
                  embed_dim: int = 1024, num_heads: int = 16, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
                  norm_eps: float = 1e-6, shared_aln: bool = False, cond_drop_rate: float = 0.1,
@@ -393,12 +398,7 @@ class VAR(nn.Module):
                 raise ValueError(f"patch_nums {patch_nums} differ from the VQ-VAE's v_patch_nums {vae_patch_nums}")
         if Cvae is None or vocab_size is None:
             raise ValueError("VAR needs Cvae and vocab_size, or a vae_local to read them from")
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
-        if num_classes < 1 or depth < 1:
-            raise ValueError(f"num_classes and depth must be positive, got {num_classes} and {depth}")
-        if not 0.0 <= cond_drop_rate < 1.0:
-            raise ValueError(f"cond_drop_rate must be in [0, 1), got {cond_drop_rate}")
+        check_divisible("VAR", "embed_dim", embed_dim, "num_heads", num_heads)
         self.Cvae, self.V = Cvae, vocab_size
         self.depth, self.C, self.D, self.num_heads = depth, embed_dim, embed_dim, num_heads
         self.num_classes, self.cond_drop_rate = num_classes, cond_drop_rate
@@ -601,10 +601,10 @@ class VAR(nn.Module):
         Call ``.eval()`` first; the VQ-VAE must be on the same device as the model.
         """
         vae, quant = self._vae_and_quantizer()
-        if isinstance(B, bool) or not isinstance(B, int) or B < 1:
-            raise ValueError(f"B must be a positive int, got {B!r}")
-        if not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 0:
-            raise ValueError(f"cfg must be a finite number >= 0 (0 = no guidance), got {cfg!r}")
+        POSITIVE_INT("autoregressive_infer_cfg", "B", B)
+        NON_NEGATIVE("autoregressive_infer_cfg", "cfg", cfg)  # 0: no guidance
+        NON_NEGATIVE_INT("autoregressive_infer_cfg", "top_k", top_k)  # 0: off
+        UNIT_INTERVAL("autoregressive_infer_cfg", "top_p", top_p)  # 0: off
         device = self.lvl_1L.device
         if quant.embedding.weight.device != device:
             raise ValueError(f"the VQ-VAE is on {quant.embedding.weight.device} but VAR is on {device}; "

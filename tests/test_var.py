@@ -321,5 +321,5 @@ def test_bad_input_fails_with_a_clear_message():
         VAR(vae, num_classes=3, depth=1, embed_dim=32, num_heads=2, patch_nums=PATCH_NUMS, Cvae=16)
     with pytest.raises(ValueError, match="needs Cvae and vocab_size"):
         VAR(None, num_classes=3, depth=1, embed_dim=32, num_heads=2)
-    with pytest.raises(ValueError, match="not divisible"):
+    with pytest.raises(ValueError, match=r"embed_dim \(30\) must be divisible by num_heads \(4\)"):
         VAR(vae, num_classes=3, depth=1, embed_dim=30, num_heads=4, patch_nums=PATCH_NUMS)
