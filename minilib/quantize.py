@@ -63,7 +63,9 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
     The expansion turns V distance computations into one matrix product
     ``(N, C) @ (C, V)``; ``||z||^2`` is the same for every k and does not change the
-    argmin, but is kept so the matrix holds true distances. No gradient flows.
+    argmin, but is kept so the matrix holds true distances. The product is added
+    with ``addmm`` (``norms - 2 z @ E^T`` in one step), as VAR's quantiser does, so
+    that near-ties round the same way and give the same index. No gradient flows.
 
     Args:
         z: vectors ``(..., C)``.
@@ -77,7 +79,8 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     _check_vectors(z, codebook.shape[1], "nearest_code")
     with torch.no_grad():
         z_NC = z.reshape(-1, z.shape[-1]).to(codebook.dtype)
-        d_NV = z_NC.square().sum(1, keepdim=True) + codebook.square().sum(1) - 2 * z_NC @ codebook.T
+        d_NV = z_NC.square().sum(1, keepdim=True) + codebook.square().sum(1)  # (N, V): ||z||^2 + ||e_k||^2
+        d_NV.addmm_(z_NC, codebook.T, beta=1, alpha=-2)  # ... - 2 z . e_k
         return d_NV.argmin(dim=1).reshape(z.shape[:-1])
 
 

@@ -72,8 +72,8 @@ class DropPath(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
+        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)  # 1: keep the sample
+        return x * keep.div_(1 - self.p)  # the mask is scaled, then applied (VAR's rounding)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -430,7 +430,8 @@ class VAR(nn.Module):
         self.shared_ada_lin = (nn.Sequential(nn.SiLU(), SharedAdaLin(self.D, 6 * self.C)) if shared_aln
                                else nn.Identity())
         self.drop_path_rate = drop_path_rate
-        dpr = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+        # float32 steps, as VAR's torch.linspace gives them (so the same keep probabilities)
+        dpr = [p.item() for p in torch.linspace(0, drop_path_rate, depth, device="cpu")]
         self.blocks = nn.ModuleList(
             AdaLNSelfAttn(self.C, self.D, num_heads, mlp_ratio=mlp_ratio, shared_aln=shared_aln,
                           attn_l2_norm=attn_l2_norm, drop_path=dpr[i], norm_eps=norm_eps)
@@ -461,16 +462,22 @@ class VAR(nn.Module):
         Args:
             label_B: int64 ``(B,)`` classes in ``[0, num_classes]`` (``num_classes`` is
                 the null class).
-            drop_labels: replace each label by the null class with probability
-                ``cond_drop_rate`` (label dropout, for classifier-free guidance),
-                drawing ``torch.rand(B)`` from the global generator. None (default):
-                in training mode only. The official ``VAR.forward`` drops labels in
-                every mode, evaluation included, so its eval-mode logits are those of
-                ``drop_labels=True`` (same seed, same draw); the book keeps evaluation
-                deterministic and leaves the labels alone there.
             x_BLCv_wo_first_l: ``(B, L - first_l, Cvae)``, the inputs of scales
                 ``2..K``: the VQ-VAE's features of the ground-truth scales ``1..k-1``
                 resized to scale ``k`` (``quantize.idxBl_to_var_input``).
+            drop_labels: replace each label by the null class with probability
+                ``cond_drop_rate`` (label dropout, for classifier-free guidance),
+                drawing ``torch.rand(B)`` from the global generator. None (default):
+                in training mode only.
+
+        Label dropout in evaluation: the official ``VAR.forward`` (``models/var.py``)
+        draws ``torch.rand(B)`` and drops labels in every mode, evaluation included.
+        minilib does not by default: an evaluation pass keeps its labels, gives the
+        same logits every time and leaves the global generator where it was (the
+        official one has moved by ``B`` numbers, so later draws differ too).
+        ``drop_labels=True`` reproduces the official pass exactly: the same seed
+        gives the same draw, the same dropped labels, the same logits and the same
+        generator state afterwards (``tests/test_official_var.py``).
 
         Returns:
             logits ``(B, L, V)``; position ``l`` predicts the token at ``l`` of the
@@ -480,6 +487,8 @@ class VAR(nn.Module):
                 or x_BLCv_wo_first_l.shape[1:] != (self.L - self.first_l, self.Cvae):
             raise ValueError(f"x_BLCv_wo_first_l must have shape (B, {self.L - self.first_l}, {self.Cvae}) "
                              f"(L - first_l, Cvae), got {tuple(getattr(x_BLCv_wo_first_l, 'shape', ()))}")
+        if drop_labels is not None and not isinstance(drop_labels, bool):
+            raise ValueError(f"drop_labels must be True, False or None (training mode decides), got {drop_labels!r}")
         B = x_BLCv_wo_first_l.shape[0]
         label_B = self._check_labels(label_B, B)
         if self.training if drop_labels is None else drop_labels:  # label dropout for classifier-free guidance
@@ -488,7 +497,7 @@ class VAR(nn.Module):
         sos = cond_BD = self.class_emb(label_B)
         sos = sos.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
         x_BLC = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
-        x_BLC = x_BLC + self.lvl_embed(self.lvl_1L.expand(B, -1)) + self.pos_1LC
+        x_BLC = x_BLC + (self.lvl_embed(self.lvl_1L.expand(B, -1)) + self.pos_1LC)  # VAR's order of the sums
 
         cond_BD_or_gss = self.shared_ada_lin(cond_BD)
         for block in self.blocks:

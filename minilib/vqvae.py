@@ -193,10 +193,13 @@ class VectorQuantizer2(nn.Module):
         return self.quant_resi[si / (SN - 1)]
 
     def nearest(self, z_NC: torch.Tensor) -> torch.Tensor:
-        """Code indices ``(N,)`` for vectors ``(N, Cvae)``: Euclidean, or cosine with ``using_znorm``."""
+        """Code indices ``(N,)`` for vectors ``(N, Cvae)``: the nearest code, or with ``using_znorm``
+        the code of the most similar direction (largest cosine similarity, as the official code
+        computes it: the argmax of unit vectors times unit codes, not a distance between them)."""
         codebook = self.embedding.weight.detach()
         if self.using_znorm:
-            return nearest_code(F.normalize(z_NC, dim=-1), F.normalize(codebook, dim=1))
+            cosine_NV = F.normalize(z_NC, dim=-1) @ F.normalize(codebook.T, dim=0)  # (N, V)
+            return cosine_NV.argmax(dim=1)
         return nearest_code(z_NC, codebook)
 
     def _check_f(self, f_BChw: torch.Tensor, who: str) -> None:
@@ -248,11 +251,11 @@ class VectorQuantizer2(nn.Module):
                 f_rest = f_rest - h_BChw.detach()
                 if self.training:
                     self._record_hits(si, idx_N)
-                mean_vq_loss = mean_vq_loss + F.mse_loss(f_hat.detach(), f_BChw) * self.beta \
-                    + F.mse_loss(f_hat, f_no_grad)
+                scale_loss = F.mse_loss(f_hat.detach(), f_BChw) * self.beta + F.mse_loss(f_hat, f_no_grad)
+                mean_vq_loss = mean_vq_loss + scale_loss
             if self.training:
                 self.record_hit += 1
-            mean_vq_loss = mean_vq_loss / SN
+            mean_vq_loss = mean_vq_loss * (1.0 / SN)  # times 1/K, as VAR rounds it
             f_hat = (f_hat.detach() - f_no_grad) + f_BChw   # straight-through: d f_hat / d f = identity
         usages = None
         if ret_usages:

@@ -140,6 +140,23 @@ def test_label_dropout_only_in_training_mode():
     torch.testing.assert_close(var.eval()(labels, x), var(labels, x))  # eval: never dropped
 
 
+def test_drop_labels_overrides_the_mode_and_draws_exactly_b_numbers():
+    """drop_labels=True in eval mode is the official eval pass; False in training draws nothing."""
+    var = tiny_var(cond_drop_rate=0.5)
+    labels, x = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.randn(8, L - 1, CVAE)
+    torch.manual_seed(5)
+    dropped, after_official = torch.rand(8) < 0.5, torch.rand(2)
+    expected = var.eval()(torch.where(dropped, NUM_CLASSES, labels), x)
+    torch.manual_seed(5)
+    torch.testing.assert_close(var.eval()(labels, x, drop_labels=True), expected)
+    assert torch.equal(torch.rand(2), after_official)  # the global stream moved by B = 8 numbers
+    torch.manual_seed(5)
+    torch.testing.assert_close(var.train()(labels, x, drop_labels=False), var.eval()(labels, x))
+    assert torch.equal(torch.rand(8) < 0.5, dropped)  # nothing drawn
+    with pytest.raises(ValueError, match="drop_labels must be True, False or None"):
+        var(labels, x, drop_labels=1)
+
+
 def test_init_weights_starts_near_uniform_with_quiet_blocks():
     var = build_var(depth=2, num_classes=NUM_CLASSES, patch_nums=PATCH_NUMS).eval()  # C = 128, 2 heads
     gamma_rows = var.blocks[0].ada_lin[1].weight[:2 * var.C]
