@@ -21,11 +21,10 @@ writes ``tests/reference/official/var.safetensors``:
   ``strict=True``.
 * ``quant_<name>/``: the multi-scale quantiser alone, in seven configurations (phis
   partially shared, shared, not shared, none; ``using_znorm``, also with near-tied codes;
-  more scales): index
-  pyramids, ``f_hat`` after every scale, ``idxBl_to_var_input``, the inputs
-  ``get_next_autoregressive_input`` makes one scale at a time, ``embed_to_fhat``
-  without up-sampling to the largest scale, and ``forward`` (f_hat, loss, code usages).
-  Their state dicts are stored.
+  more scales): index pyramids (also for non-square scales), ``f_hat`` after every scale,
+  ``idxBl_to_var_input``, the inputs ``get_next_autoregressive_input`` makes one scale at
+  a time, ``embed_to_fhat`` without up-sampling to the largest scale, and ``forward``
+  (f_hat, loss, code usages). Their state dicts are stored.
 * ``var/`` and ``var_shared/``: two 2-block transformers on 10 classes, their state dicts
   (``var``: width 32, cosine attention with one head's temperature above the clamp at 100,
   stochastic depth; ``var_shared``: shared adaLN, plain attention); teacher-forced logits
@@ -34,8 +33,9 @@ writes ``tests/reference/official/var.safetensors``:
   stochastic depth), each with the next numbers of the global generator afterwards.
 * ``run_<name>/``: whole ``autoregressive_infer_cfg`` runs (labels given, ``None``, an
   int, the null class; guidance; top-k, top-p; ``more_smooth``; the global generator):
-  the images and the index map sampled at every scale (recorded by wrapping the official
-  ``sample_with_top_k_top_p_``, which the code is left untouched by).
+  the images, the index map sampled at every scale (recorded by wrapping the official
+  ``sample_with_top_k_top_p_``; the official code itself is not changed) and the next
+  numbers of the global generator (a seeded run must leave it alone).
 """
 
 from __future__ import annotations
