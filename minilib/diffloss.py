@@ -30,6 +30,22 @@ from .diffusion import GaussianDiffusion, beta_schedule
 from .timestep import TimestepEmbedder
 
 
+def draw_on_cpu(sampler, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
+    """``sampler(shape)`` (e.g. ``torch.randn``) drawn with the CPU generator, then moved to ``device``.
+
+    The official MAR code draws a few of its random numbers this way even on a GPU
+    (``torch.randn(...).cuda()``: the head's start noise; the label drop), so
+    drawing them on the CPU here keeps a seeded GPU run on the official stream.
+    The copy to a GPU goes through pinned memory without blocking, so the host never
+    waits for the GPU here. Returns a float32 tensor of ``shape`` on ``device``.
+    """
+    values = sampler(shape)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return values.pin_memory().to(device, non_blocking=True)
+    return values.to(device)
+
+
 def modulate_vectors(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x * (1 + scale) + shift`` for one vector per sample: all three ``(N, C)``.
 
@@ -190,7 +206,7 @@ class DiffLoss(nn.Module):
         if mask is not None and mask.shape != (len(target),):
             raise ValueError(f"DiffLoss expects a mask (N,) = ({len(target)},), got {tuple(mask.shape)}")
         t = torch.randint(0, self.train_diffusion.num_timesteps, (len(target),), device=target.device)
-        loss = self.train_diffusion.training_losses(self.net, target, dict(c=z), t=t)["loss"]
+        loss = self.train_diffusion.training_losses(self.net, target, t=t, model_kwargs=dict(c=z))["loss"]
         if mask is not None:
             loss = (loss * mask).sum() / mask.sum()
         return loss.mean()
@@ -199,6 +215,9 @@ class DiffLoss(nn.Module):
     def sample(self, z: torch.Tensor, temperature: float = 1.0, cfg: float = 1.0,
                clip_denoised: bool = False) -> torch.Tensor:
         """Draw one token per condition with DDPM on ``gen_diffusion``.
+
+        Random draws: the start noise (with the CPU generator, as the official code
+        does), then one noise per DDPM step.
 
         Args:
             z: ``(N, z_channels)`` conditions. With guidance (``cfg != 1``) the batch
@@ -224,13 +243,13 @@ class DiffLoss(nn.Module):
             if len(z) % 2:
                 raise ValueError(f"DiffLoss.sample with cfg != 1 needs an even batch (conditional then "
                                  f"unconditional halves), got {len(z)}")
-            noise = torch.randn(len(z) // 2, self.in_channels, device=z.device)
+            noise = draw_on_cpu(torch.randn, (len(z) // 2, self.in_channels), z.device)
             noise = torch.cat([noise, noise])
             model, model_kwargs = self.net.forward_with_cfg, dict(c=z, cfg_scale=cfg)
         else:
-            noise = torch.randn(len(z), self.in_channels, device=z.device)
+            noise = draw_on_cpu(torch.randn, (len(z), self.in_channels), z.device)
             model, model_kwargs = self.net.forward, dict(c=z)
-        return self.gen_diffusion.p_sample_loop(model, tuple(noise.shape), model_kwargs, noise=noise,
+        return self.gen_diffusion.p_sample_loop(model, tuple(noise.shape), model_kwargs=model_kwargs, noise=noise,
                                                 clip_denoised=clip_denoised, temperature=temperature)
 
     def _check_condition(self, z: torch.Tensor, n: int | None = None) -> None:

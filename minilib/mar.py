@@ -25,19 +25,35 @@ Submodule and parameter names (``class_emb``, ``fake_latent``, ``z_proj``,
 ``diffusion_pos_embed_learned``, ``diffloss``) follow the official
 ``models/mar.py``, so that the released checkpoints load with ``strict=True``.
 Masks are boolean ``(B, L)`` tensors with True at the *masked* (unknown) tokens.
+
+Random numbers. minilib draws everything with torch's generator, so
+``torch.manual_seed`` (or ``sample_tokens(seed=...)``) makes a run repeatable.
+The official code draws the generation orders and the training mask ratio with
+*numpy's* global generator instead (``np.random.shuffle``, ``scipy.stats.truncnorm``).
+To reproduce one of its runs exactly, draw those two with ``numpy_orders`` and
+``numpy_mask_ratio`` and hand them in (``orders=``, ``mask_ratio=``); every other
+draw (label drop, dropout, the diffusion head's t and noise) is torch's in both,
+in the same order::
+
+    np.random.seed(s); torch.manual_seed(s)             # what the official main_mar.py does
+    orders = numpy_orders(bsz, model.seq_len)           # its sample_orders
+    ratio = numpy_mask_ratio(model.mask_ratio_generator)  # its random_masking's truncnorm draw
+    loss = model(latents, labels, orders=orders, mask_ratio=ratio)
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .diffloss import DiffLoss
+from .diffloss import DiffLoss, draw_on_cpu
 
 # ---------------------------------------------------------------------------
 # The transformer block (timm 0.9's ViT Block, as the official code imports it)
@@ -139,11 +155,19 @@ class TruncatedNormal:
         density = torch.exp(-0.5 * u ** 2) / math.sqrt(2 * math.pi) / self.std / (self._cdf_high - self._cdf_low)
         return torch.where((x >= self.low) & (x <= self.high), density, torch.zeros_like(density))
 
-    def rvs(self, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``size`` samples, float64 ``(size,)`` on the CPU."""
-        u = torch.rand(size, dtype=torch.float64, generator=generator, device="cpu")
+    def ppf(self, u: torch.Tensor) -> torch.Tensor:
+        """The inverse CDF: the value below which a fraction ``u`` of the mass lies.
+
+        ``u`` any shape, in [0, 1]; returns float64 of the same shape. A uniform ``u``
+        gives a sample: that is how both ``rvs`` and scipy's ``truncnorm.rvs`` draw.
+        """
+        u = torch.as_tensor(u, dtype=torch.float64)
         p = self._cdf_low + u * (self._cdf_high - self._cdf_low)
         return (self.mean + self.std * torch.special.ndtri(p)).clamp(self.low, self.high)
+
+    def rvs(self, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``size`` samples, float64 ``(size,)`` on the CPU, from torch's generator (or ``generator``)."""
+        return self.ppf(torch.rand(size, dtype=torch.float64, generator=generator, device="cpu"))
 
 
 def mask_schedule(seq_len: int, num_iter: int) -> list[int]:
@@ -171,6 +195,67 @@ def mask_by_order(mask_len: int, orders: torch.Tensor) -> torch.Tensor:
     """Mask the first ``mask_len`` positions of each order: ``(B, L)`` long -> ``(B, L)`` bool."""
     mask = torch.zeros(orders.shape, dtype=torch.bool, device=orders.device)
     return mask.scatter(1, orders[:, :mask_len], True)
+
+
+# ---------------------------------------------------------------------------
+# The official code's random stream (numpy), to reproduce its runs exactly
+# ---------------------------------------------------------------------------
+
+
+def numpy_orders(bsz: int, seq_len: int, rng: np.random.RandomState | None = None) -> torch.Tensor:
+    """Generation orders drawn as the official ``sample_orders`` draws them.
+
+    For each image in turn, ``0 .. seq_len-1`` shuffled in place by ``rng.shuffle``;
+    ``rng`` is numpy's global generator by default (the one ``np.random.seed`` seeds),
+    as in the official code. Pass the result as ``orders=`` to ``MAR.forward`` or
+    ``MAR.sample_tokens``. Returns ``(bsz, seq_len)`` long on the CPU.
+    """
+    if not isinstance(bsz, int) or bsz < 1 or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"bsz and seq_len must be positive ints, got bsz={bsz!r}, seq_len={seq_len!r}")
+    rng = np.random if rng is None else rng
+    orders = []
+    for _ in range(bsz):
+        order = np.arange(seq_len)
+        rng.shuffle(order)
+        orders.append(order)
+    return torch.from_numpy(np.stack(orders)).long()
+
+
+def numpy_mask_ratio(distribution: TruncatedNormal, rng: np.random.RandomState | None = None) -> float:
+    """One training mask ratio drawn as the official ``random_masking`` draws it.
+
+    scipy's ``truncnorm.rvs(1)`` takes one uniform number from numpy's global
+    generator (or ``rng``) and maps it through the inverse CDF; this does the same
+    with ``distribution.ppf``. Call it right after ``numpy_orders``, as the official
+    ``forward`` does, and pass the result as ``mask_ratio=`` to ``MAR.forward``.
+    """
+    rng = np.random if rng is None else rng
+    return distribution.ppf(torch.from_numpy(rng.uniform(size=1))).item()
+
+
+@contextmanager
+def seeded(seed: int | None, device: torch.device):
+    """Run the body as if after ``torch.manual_seed(seed)``, then restore torch's generators.
+
+    The CPU generator and, on a GPU, ``device``'s generator are seeded; both are put
+    back afterwards, so a seeded call leaves the caller's random stream untouched.
+    ``seed=None`` does nothing (the global stream is used and advanced).
+    """
+    if seed is None:
+        yield
+        return
+    if not isinstance(seed, int):
+        raise ValueError(f"seed must be an int or None, got {seed!r}")
+    device = torch.device(device)
+    gpus = []  # the GPU whose generator is seeded and restored, if any
+    if device.type == "cuda":
+        gpus = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=gpus):
+        torch.random.default_generator.manual_seed(seed)
+        for index in gpus:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 # ---------------------------------------------------------------------------
@@ -306,23 +391,41 @@ class MAR(nn.Module):
 
     def sample_orders(self, bsz: int) -> torch.Tensor:
         """A random generation order for each of ``bsz`` images: ``(bsz, L)`` long, each row
-        a permutation of ``0 .. L-1`` (drawn with torch's generator)."""
+        a permutation of ``0 .. L-1`` (drawn with torch's generator; ``numpy_orders``
+        draws them as the official code does)."""
         device = self.mask_token.device
         return torch.rand(bsz, self.seq_len, device=device).argsort(dim=1)
 
-    def random_masking(self, x: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
+    def random_masking(self, x: torch.Tensor, orders: torch.Tensor, mask_ratio: float | None = None) -> torch.Tensor:
         """The training mask: ``ceil(L * r)`` tokens masked, the first ones of each order,
-        with one mask ratio r ~ ``mask_ratio_generator`` for the whole batch.
+        with one mask ratio r for the whole batch.
 
         Args:
             x: tokens ``(B, L, C)``; orders: ``(B, L)`` permutations.
+            mask_ratio: r in (0, 1]; by default drawn from ``mask_ratio_generator``
+                with torch's generator (``numpy_mask_ratio`` draws it as the official code does).
         Returns:
             ``(B, L)`` bool, True = masked.
         """
-        seq_len = x.shape[1]
-        mask_rate = self.mask_ratio_generator.rvs(1).item()
-        num_masked_tokens = math.ceil(seq_len * mask_rate)
+        bsz, seq_len = x.shape[:2]
+        orders = self._check_orders(orders, bsz, x.device)
+        if mask_ratio is None:
+            mask_ratio = self.mask_ratio_generator.rvs(1).item()
+        elif not 0 < mask_ratio <= 1:
+            raise ValueError(f"mask_ratio must lie in (0, 1], got {mask_ratio}")
+        num_masked_tokens = math.ceil(seq_len * mask_ratio)
         return mask_by_order(num_masked_tokens, orders)
+
+    def _check_orders(self, orders, bsz: int, device: torch.device) -> torch.Tensor:
+        """``orders`` must be ``(bsz, L)`` integer rows, each a permutation of ``0 .. L-1``."""
+        if not isinstance(orders, torch.Tensor) or orders.shape != (bsz, self.seq_len) or orders.is_floating_point():
+            shape = (f"{orders.dtype} {tuple(orders.shape)}" if isinstance(orders, torch.Tensor)
+                     else type(orders).__name__)
+            raise ValueError(f"orders must be an integer tensor of shape (B, L) = ({bsz}, {self.seq_len}), got {shape}")
+        if orders.device.type != "meta" and not torch.equal(
+                orders.sort(dim=1).values.cpu(), torch.arange(self.seq_len).expand(bsz, -1)):
+            raise ValueError(f"orders: each row must be a permutation of 0 .. {self.seq_len - 1}")
+        return orders.to(device=device, dtype=torch.long)
 
     def _check_mask(self, mask: torch.Tensor, bsz: int) -> torch.Tensor:
         if mask.shape != (bsz, self.seq_len):
@@ -361,7 +464,9 @@ class MAR(nn.Module):
         mask_with_buffer = self._with_buffer(mask)
 
         if self.training:  # random label drop, for classifier-free guidance
-            drop = (torch.rand(bsz, device=x.device) < self.label_drop_prob).unsqueeze(-1).to(x.dtype)
+            # drawn with the CPU generator, as the official code does, also when training on a GPU
+            drop = draw_on_cpu(torch.rand, (bsz,), x.device) < self.label_drop_prob
+            drop = drop.unsqueeze(-1).to(x.dtype)
             class_embedding = drop * self.fake_latent + (1 - drop) * class_embedding
         x[:, :self.buffer_size] = class_embedding.unsqueeze(1).to(x.dtype)
 
@@ -411,12 +516,19 @@ class MAR(nn.Module):
         mask = mask.reshape(bsz * seq_len).repeat(self.diffusion_batch_mul).to(target.dtype)
         return self.diffloss(target=target, z=z, mask=mask)
 
-    def forward(self, imgs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, imgs: torch.Tensor, labels: torch.Tensor, orders: torch.Tensor | None = None,
+                mask_ratio: float | None = None) -> torch.Tensor:
         """The training loss for a batch of latents.
+
+        Random draws, in this order: the orders and the mask ratio (unless given), the
+        label drop (train mode), dropout, then the diffusion loss's t and noise.
 
         Args:
             imgs: latents ``(B, vae_embed_dim, H, W)`` (already scaled, e.g. by the VAE's scale factor).
             labels: ``(B,)`` integer classes in ``[0, class_num)``.
+            orders: optional ``(B, L)`` permutations (default: ``sample_orders``).
+            mask_ratio: optional mask ratio in (0, 1] (default: drawn in ``random_masking``).
+                ``numpy_orders`` and ``numpy_mask_ratio`` give the official code's draws.
         Returns:
             the scalar diffusion loss on the masked tokens.
         """
@@ -424,8 +536,9 @@ class MAR(nn.Module):
         class_embedding = self.class_emb(labels)
         x = self.patchify(imgs)
         gt_latents = x.clone().detach()
-        orders = self.sample_orders(bsz=x.size(0))
-        mask = self.random_masking(x, orders)
+        if orders is None:
+            orders = self.sample_orders(bsz=x.size(0))
+        mask = self.random_masking(x, orders, mask_ratio)
         x = self.forward_mae_encoder(x, mask, class_embedding)
         z = self.forward_mae_decoder(x, mask)
         return self.forward_loss(z=z, target=gt_latents, mask=mask)
@@ -445,7 +558,8 @@ class MAR(nn.Module):
     @torch.no_grad()
     def sample_tokens(self, bsz: int, num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
                       labels: torch.Tensor | None = None, temperature: float = 1.0, progress: bool = False,
-                      return_history: bool = False, clip_denoised: bool = False):
+                      return_history: bool = False, clip_denoised: bool = False,
+                      orders: torch.Tensor | None = None, seed: int | None = None):
         """Generate latents by masked autoregression in a random order.
 
         All tokens start masked. At step k the encoder sees the tokens generated so
@@ -475,6 +589,17 @@ class MAR(nn.Module):
                 (``DiffLoss.sample``). Not in the official code, which needs a head
                 trained long enough to be accurate at t = 999 (chapter 12); for a
                 briefly trained head on tokens in [-1, 1] (pixels) it keeps samples finite.
+            orders: optional ``(bsz, L)`` generation orders (default: ``sample_orders``).
+            seed: if given, the run draws as if after ``torch.manual_seed(seed)`` and
+                leaves torch's random state as it was (see ``seeded``); the same seed
+                gives the same latents. Without it the global stream is used.
+
+        Random draws, in this order: the orders (unless given), then for every step
+        the diffusion head's start noise and the noise of each of its steps. The
+        official code draws the orders with numpy; after ``np.random.seed(s)``,
+        ``orders=numpy_orders(bsz, L), seed=s`` reproduces its run after
+        ``np.random.seed(s); torch.manual_seed(s)`` (``tests/test_official_mar.py``).
+
         Returns:
             latents ``(bsz, vae_embed_dim, H, W)``; with ``return_history``, also a
             list of K dicts with ``"revealed"`` (bool ``(bsz, L)``, the tokens
@@ -488,15 +613,26 @@ class MAR(nn.Module):
             raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
-        schedule = mask_schedule(self.seq_len, num_iter)  # validates num_iter
+        mask_schedule(self.seq_len, num_iter)  # validates num_iter
         if labels is not None:
             labels = self._check_labels(labels, bsz)
         device = self.mask_token.device
-        guided = cfg != 1.0
+        if orders is not None:
+            orders = self._check_orders(orders, bsz, device)
+        with seeded(seed, device):
+            return self._generate(bsz, num_iter, cfg, cfg_schedule, labels, temperature, progress, return_history,
+                                  clip_denoised, orders)
 
+    def _generate(self, bsz, num_iter, cfg, cfg_schedule, labels, temperature, progress, return_history,
+                  clip_denoised, orders):
+        """The loop of ``sample_tokens``, with its arguments checked."""
+        schedule = mask_schedule(self.seq_len, num_iter)
+        device = self.mask_token.device
+        guided = cfg != 1.0
         mask = torch.ones(bsz, self.seq_len, dtype=torch.bool, device=device)
         tokens = torch.zeros(bsz, self.seq_len, self.token_embed_dim, device=device)
-        orders = self.sample_orders(bsz)
+        if orders is None:
+            orders = self.sample_orders(bsz)
         class_embedding = self.class_emb(labels) if labels is not None else self.fake_latent.repeat(bsz, 1)
         if guided:
             class_embedding = torch.cat([class_embedding, self.fake_latent.repeat(bsz, 1)])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from reference import load_reference, module_tree, num_params, reference_tree
 
-from minilib.diffloss import DiffLoss, SimpleMLPAdaLN
+from minilib.diffloss import DiffLoss, SimpleMLPAdaLN, draw_on_cpu
 from minilib.diffusion import (GaussianDiffusion, beta_schedule, discretized_gaussian_log_likelihood, normal_kl,
                                space_timesteps)
 
@@ -72,7 +72,7 @@ def test_training_losses_mse_and_vb_by_hand():
     N, C = 6, 3
     x0, z, noise = torch.randn(N, C), torch.randn(N, 5), torch.randn(N, C)
     t = torch.tensor([0, 1, 10, 300, 700, 990])  # (the last betas are clipped: no closed form there)
-    terms = diffusion.training_losses(net, x0, dict(c=z), t=t, noise=noise)
+    terms = diffusion.training_losses(net, x0, t=t, model_kwargs=dict(c=z), noise=noise)
     assert set(terms) == {"mse", "vb", "loss"} and all(v.shape == (N,) for v in terms.values())
     torch.testing.assert_close(terms["loss"], terms["mse"] + terms["vb"])
 
@@ -152,7 +152,7 @@ def test_forward_is_the_mean_hybrid_loss_at_random_t():
     torch.manual_seed(1)
     t = torch.randint(0, 1000, (10,))
     noise = torch.randn_like(target)
-    terms = loss.train_diffusion.training_losses(loss.net, target, dict(c=z), t=t, noise=noise)
+    terms = loss.train_diffusion.training_losses(loss.net, target, t=t, model_kwargs=dict(c=z), noise=noise)
     torch.testing.assert_close(got, terms["loss"].mean())
     assert got.requires_grad
 
@@ -165,7 +165,7 @@ def test_mask_weighting():
     got = loss(target, z, mask)
     torch.manual_seed(2)
     t = torch.randint(0, 1000, (10,))
-    per_token = loss.train_diffusion.training_losses(loss.net, target, dict(c=z), t=t,
+    per_token = loss.train_diffusion.training_losses(loss.net, target, t=t, model_kwargs=dict(c=z),
                                                      noise=torch.randn_like(target))["loss"]
     torch.testing.assert_close(got, (per_token * mask).sum() / mask.sum())
     # tokens with mask 0 do not count: changing them leaves the loss as it is
@@ -252,8 +252,9 @@ def test_temperature_zero_is_the_chain_of_posterior_means():
     loss = random_head()
     process, net = loss.gen_diffusion, loss.net
     z, start = torch.randn(7, 5), torch.randn(7, 3)
-    got = process.p_sample_loop(net, (7, 3), dict(c=z), noise=start, seed=0, temperature=0.0)
-    assert torch.equal(got, process.p_sample_loop(net, (7, 3), dict(c=z), noise=start, seed=99, temperature=0.0))
+    got = process.p_sample_loop(net, (7, 3), model_kwargs=dict(c=z), noise=start, seed=0, temperature=0.0)
+    again = process.p_sample_loop(net, (7, 3), model_kwargs=dict(c=z), noise=start, seed=99, temperature=0.0)
+    assert torch.equal(got, again)
     x = start
     with torch.no_grad():
         for i in reversed(range(process.num_timesteps)):
@@ -263,8 +264,8 @@ def test_temperature_zero_is_the_chain_of_posterior_means():
             x, _ = process.q_posterior_mean_variance(x0_hat, x, t)
     torch.testing.assert_close(got, x)
     # with temperature 1 the seed matters
-    assert not torch.allclose(process.p_sample_loop(net, (7, 3), dict(c=z), noise=start, seed=0),
-                              process.p_sample_loop(net, (7, 3), dict(c=z), noise=start, seed=1))
+    assert not torch.allclose(process.p_sample_loop(net, (7, 3), model_kwargs=dict(c=z), noise=start, seed=0),
+                              process.p_sample_loop(net, (7, 3), model_kwargs=dict(c=z), noise=start, seed=1))
 
 
 def test_temperature_concentrates_the_samples_around_the_mean():
@@ -306,16 +307,18 @@ def test_cfg_scale_one_equals_the_conditional_model():
     process, net = loss.gen_diffusion, loss.net
     z, null = torch.randn(4, 5), torch.randn(1, 5).expand(4, 5)
     start = torch.randn(4, 3)
-    guided = process.p_sample_loop(net.forward_with_cfg, (8, 3), dict(c=torch.cat([z, null]), cfg_scale=1.0),
+    guided = process.p_sample_loop(net.forward_with_cfg, (8, 3),
+                                   model_kwargs=dict(c=torch.cat([z, null]), cfg_scale=1.0),
                                    noise=torch.cat([start, start]), temperature=0.0)
-    plain = process.p_sample_loop(net, (4, 3), dict(c=z), noise=start, temperature=0.0)
+    plain = process.p_sample_loop(net, (4, 3), model_kwargs=dict(c=z), noise=start, temperature=0.0)
     torch.testing.assert_close(guided[:4], plain)
     # and DiffLoss.sample with cfg != 1 runs the guided model on the doubled batch
     torch.manual_seed(0)
     out = loss.sample(torch.cat([z, null]), temperature=0.0, cfg=3.0)
     torch.manual_seed(0)
     noise = torch.randn(4, 3)
-    expected = process.p_sample_loop(net.forward_with_cfg, (8, 3), dict(c=torch.cat([z, null]), cfg_scale=3.0),
+    expected = process.p_sample_loop(net.forward_with_cfg, (8, 3),
+                                     model_kwargs=dict(c=torch.cat([z, null]), cfg_scale=3.0),
                                      noise=torch.cat([noise, noise]), temperature=0.0)
     torch.testing.assert_close(out, expected)
     assert not torch.allclose(out[:4], plain)
@@ -348,7 +351,7 @@ def test_bad_input_is_explained():
         loss.sample(torch.randn(4))
     with pytest.raises(ValueError, match="even batch"):
         loss.sample(torch.randn(3, 5), cfg=2.0)
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
         loss.sample(z, temperature=-1.0)
     with pytest.raises(ValueError, match="num_sampling_steps must be a number"):
         DiffLoss(3, 5, 1, 8, num_sampling_steps="ddim25")
@@ -356,7 +359,7 @@ def test_bad_input_is_explained():
         DiffLoss(3, 5, 1, 0)
     diffusion = GaussianDiffusion(beta_schedule("cosine", 100), learn_sigma=True)
     with pytest.raises(ValueError, match=r"with learn_sigma the model must return 2 x 3 channels"):
-        diffusion.training_losses(lambda x, t: x, torch.randn(4, 3))
+        diffusion.training_losses(lambda x, t: x, torch.randn(4, 3), t=torch.zeros(4, dtype=torch.long))
 
 
 def test_sample_can_clamp_x0_hat():
@@ -366,6 +369,17 @@ def test_sample_can_clamp_x0_hat():
     clipped = loss.sample(z, clip_denoised=True)
     torch.manual_seed(0)
     noise = torch.randn(6, 3)
-    expected = loss.gen_diffusion.p_sample_loop(loss.net, (6, 3), dict(c=z), noise=noise, clip_denoised=True)
+    expected = loss.gen_diffusion.p_sample_loop(loss.net, (6, 3), model_kwargs=dict(c=z), noise=noise,
+                                                clip_denoised=True)
     torch.testing.assert_close(clipped, expected)
     assert clipped.abs().max() <= 1  # the last step returns the clamped x0_hat itself
+
+
+def test_the_start_noise_comes_from_the_cpu_generator():
+    """As in the official code (``torch.randn(...).cuda()``): the CPU stream, then moved."""
+    torch.manual_seed(0)
+    expected = torch.randn(4, 3)
+    torch.manual_seed(0)
+    assert torch.equal(draw_on_cpu(torch.randn, (4, 3), "cpu"), expected)
+    out = draw_on_cpu(torch.randn, (4, 3), "meta")
+    assert out.device.type == "meta" and out.shape == (4, 3)

@@ -2,13 +2,14 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from einops import rearrange
 from reference import load_reference
 
 from minilib import zoo
-from minilib.mar import MAR, Block, TruncatedNormal, mask_by_order, mask_schedule
+from minilib.mar import MAR, Block, TruncatedNormal, mask_by_order, mask_schedule, numpy_mask_ratio, numpy_orders
 
 
 def tiny(**overrides):
@@ -67,6 +68,8 @@ def test_mask_ratio_is_the_left_half_truncated_normal_of_the_official_code():
     scipy_ppf = torch.tensor([0.7446819039, 0.7995222771, 0.8742874763, 0.9390981302, 0.9758405176],
                              dtype=torch.float64)
     torch.testing.assert_close(samples.quantile(quantiles), scipy_ppf, atol=0.006, rtol=0)
+    torch.testing.assert_close(ours.ppf(quantiles), scipy_ppf, atol=1e-9, rtol=0)  # the inverse CDF itself
+    assert ours.ppf(torch.tensor([0.0, 1.0])).tolist() == [0.7, 1.0]
     with pytest.raises(ValueError, match="std > 0"):
         TruncatedNormal(1.0, 0.0, 0.7, 1.0)
 
@@ -85,6 +88,68 @@ def test_random_masking_masks_ceil_L_r_tokens_first_in_each_order():
         assert mask.sum(dim=1).tolist() == [k] * 4 and k >= math.ceil(0.7 * 16)
         assert torch.equal(mask, mask_by_order(k, orders))
         assert all(mask[b, orders[b, :k]].all() and not mask[b, orders[b, k:]].any() for b in range(4))
+
+
+def test_numpy_orders_are_the_official_stream_of_shuffles():
+    np.random.seed(4)
+    orders = numpy_orders(5, 16)
+    assert orders.shape == (5, 16) and orders.dtype == torch.long
+    assert torch.equal(orders.sort(dim=1).values, torch.arange(16).expand(5, 16))
+    np.random.seed(4)
+    first = np.arange(16)
+    np.random.shuffle(first)  # the official sample_orders: one in-place shuffle per image, in turn
+    assert orders[0].tolist() == first.tolist() and not torch.equal(orders[0], orders[1])
+    assert torch.equal(numpy_orders(5, 16, rng=np.random.RandomState(4)), orders)  # the global one, reseeded
+    assert not torch.equal(numpy_orders(5, 16), orders)  # the global stream moved on
+    with pytest.raises(ValueError, match="bsz and seq_len must be positive ints"):
+        numpy_orders(0, 16)
+
+
+def test_numpy_mask_ratio_is_scipys_inverse_cdf_draw():
+    distribution = tiny().mask_ratio_generator
+    np.random.seed(7)
+    u = np.random.uniform(size=1)  # what scipy's truncnorm.rvs(1) takes from numpy's global generator
+    np.random.seed(7)
+    ratio = numpy_mask_ratio(distribution)
+    assert ratio == distribution.ppf(torch.from_numpy(u)).item() and 0.7 <= ratio <= 1.0
+    assert numpy_mask_ratio(distribution, rng=np.random.RandomState(7)) == ratio
+
+
+def test_given_orders_and_mask_ratio_set_the_training_mask(monkeypatch):
+    model = randomise_head(tiny())
+    orders = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(b)) for b in range(2)])
+    seen = {}
+    real = model.forward_loss
+    monkeypatch.setattr(model, "forward_loss", lambda z, target, mask: seen.update(mask=mask) or real(z, target, mask))
+    model(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), orders=orders, mask_ratio=0.74)
+    assert torch.equal(seen["mask"], mask_by_order(12, orders))  # ceil(16 * 0.74) = 12, first in each order
+    images, labels = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"mask_ratio must lie in \(0, 1\]"):
+        model(images, labels, orders=orders, mask_ratio=0.0)
+    with pytest.raises(ValueError, match=r"orders must be an integer tensor of shape \(B, L\) = \(2, 16\)"):
+        model(images, labels, orders=orders[:, :8])
+    with pytest.raises(ValueError, match="orders must be an integer tensor"):
+        model(images, labels, orders=orders.float())
+    repeated = orders.clone()
+    repeated[1, 0] = repeated[1, 1]
+    with pytest.raises(ValueError, match="each row must be a permutation of 0 .. 15"):
+        model(images, labels, orders=repeated)
+
+
+def test_label_drop_is_drawn_with_the_cpu_generator_first():
+    model = tiny(label_drop_prob=0.5)
+    torch.manual_seed(3)
+    x = torch.randn(8, 16, 12)
+    mask = mask_by_order(10, model.sample_orders(8))
+    class_embedding = model.class_emb(torch.arange(8) % 5)
+    torch.manual_seed(9)
+    drop = torch.rand(8) < 0.5  # the official code: torch.rand(bsz) < label_drop_prob, on the CPU
+    assert 0 < drop.sum() < 8
+    torch.manual_seed(9)
+    with torch.no_grad():
+        trained = model.train().forward_mae_encoder(x, mask, class_embedding)
+        expected = torch.where(drop[:, None], model.fake_latent.expand(8, -1), class_embedding)
+        torch.testing.assert_close(trained, model.eval().forward_mae_encoder(x, mask, expected))
 
 
 def masked_setup(model, num_masked=10):
@@ -188,6 +253,28 @@ def test_clip_denoised_keeps_a_poorly_trained_heads_pixels_in_range():
     torch.manual_seed(0)
     clipped = model.sample_tokens(2, num_iter=4, cfg=2.0, labels=torch.tensor([0, 1]), clip_denoised=True)
     assert clipped.abs().max() <= 1.0 + 1e-4 and torch.isfinite(clipped).all()
+
+
+def test_sampling_with_given_orders_and_a_seed_is_repeatable_and_leaves_the_global_stream():
+    model = randomise_head(tiny()).eval()
+    orders = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(b)) for b in range(2)])
+    torch.manual_seed(100)
+    before = torch.random.get_rng_state()
+    latents, history = model.sample_tokens(2, num_iter=4, orders=orders, seed=3, return_history=True)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's stream is untouched
+    first = mask_schedule(16, 4)[0]
+    for b in range(2):  # the tokens revealed first are the last ones of the given order
+        assert set(history[0]["revealed"][b].nonzero().flatten().tolist()) == set(orders[b, first:].tolist())
+    assert torch.equal(model.sample_tokens(2, num_iter=4, orders=orders, seed=3), latents)
+    assert not torch.allclose(model.sample_tokens(2, num_iter=4, orders=orders, seed=4), latents)
+    torch.manual_seed(3)  # seed=s is torch.manual_seed(s) before a plain call, also for the orders
+    assert torch.equal(model.sample_tokens(2, num_iter=4, orders=orders), latents)
+    torch.manual_seed(3)
+    assert torch.equal(model.sample_tokens(2, num_iter=4), model.sample_tokens(2, num_iter=4, seed=3))
+    with pytest.raises(ValueError, match="seed must be an int or None"):
+        model.sample_tokens(2, num_iter=4, seed=1.5)
+    with pytest.raises(ValueError, match="each row must be a permutation"):
+        model.sample_tokens(2, num_iter=4, orders=torch.zeros(2, 16, dtype=torch.long))
 
 
 def spy_on_sampling(model, monkeypatch):
