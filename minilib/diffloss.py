@@ -28,6 +28,7 @@ from torch import nn
 from .adaln import FinalLayer, modulate, zero_init
 from .diffusion import GaussianDiffusion, beta_schedule
 from .timestep import TimestepEmbedder
+from .validation import check_finite, check_float_input
 
 
 def draw_on_cpu(sampler, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
@@ -200,11 +201,17 @@ class DiffLoss(nn.Module):
         Returns:
             the scalar loss: the mean over tokens of the hybrid loss (eps MSE + vb).
         """
+        check_float_input("DiffLoss", "target", target)
         self._check_condition(z, len(target) if target.ndim == 2 else None)
-        if target.ndim != 2 or target.shape[1] != self.in_channels:
-            raise ValueError(f"DiffLoss expects target tokens (N, {self.in_channels}), got {tuple(target.shape)}")
-        if mask is not None and mask.shape != (len(target),):
-            raise ValueError(f"DiffLoss expects a mask (N,) = ({len(target)},), got {tuple(mask.shape)}")
+        if target.ndim != 2 or target.shape[1] != self.in_channels or len(target) == 0:
+            raise ValueError(f"DiffLoss expects target tokens (N, {self.in_channels}) with N >= 1, "
+                             f"got {tuple(target.shape)}")
+        check_finite("DiffLoss", "z", z)
+        if mask is not None:
+            if mask.shape != (len(target),):
+                raise ValueError(f"DiffLoss expects a mask (N,) = ({len(target)},), got {tuple(mask.shape)}")
+            if mask.device.type == "cpu" and not mask.sum() > 0:  # the loss would be 0 / 0
+                raise ValueError("DiffLoss: the mask selects no token (its sum is 0), so the loss is undefined")
         t = torch.randint(0, self.train_diffusion.num_timesteps, (len(target),), device=target.device)
         loss = self.train_diffusion.training_losses(self.net, target, t=t, model_kwargs=dict(c=z))["loss"]
         if mask is not None:

@@ -44,6 +44,7 @@ in the same order::
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager
 
 import numpy as np
@@ -54,6 +55,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .diffloss import DiffLoss, draw_on_cpu
+from .validation import FINITE, POSITIVE, POSITIVE_INT, PROBABILITY, UNIT_INTERVAL, check_arguments, check_divisible
 
 # ---------------------------------------------------------------------------
 # The transformer block (timm 0.9's ViT Block, as the official code imports it)
@@ -292,6 +294,13 @@ class MAR(nn.Module):
             backward, to save memory (the official code also checkpoints the head's blocks).
     """
 
+    @check_arguments(img_size=POSITIVE_INT, vae_stride=POSITIVE_INT, patch_size=POSITIVE_INT,
+                     encoder_embed_dim=POSITIVE_INT, encoder_depth=POSITIVE_INT, encoder_num_heads=POSITIVE_INT,
+                     decoder_embed_dim=POSITIVE_INT, decoder_depth=POSITIVE_INT, decoder_num_heads=POSITIVE_INT,
+                     mlp_ratio=POSITIVE, vae_embed_dim=POSITIVE_INT, label_drop_prob=UNIT_INTERVAL,
+                     class_num=POSITIVE_INT, attn_dropout=PROBABILITY, proj_dropout=PROBABILITY,
+                     buffer_size=POSITIVE_INT, diffloss_d=POSITIVE_INT, diffloss_w=POSITIVE_INT,
+                     diffusion_batch_mul=POSITIVE_INT)
     def __init__(self, img_size: int = 256, vae_stride: int = 16, patch_size: int = 1,
                  encoder_embed_dim: int = 1024, encoder_depth: int = 16, encoder_num_heads: int = 16,
                  decoder_embed_dim: int = 1024, decoder_depth: int = 16, decoder_num_heads: int = 16,
@@ -305,8 +314,8 @@ class MAR(nn.Module):
                              f"{vae_stride} * {patch_size}")
         if not 0 < mask_ratio_min < 1:
             raise ValueError(f"mask_ratio_min must lie in (0, 1), got {mask_ratio_min}")
-        if buffer_size < 1:
-            raise ValueError(f"buffer_size must be at least 1 (the class token), got {buffer_size}")
+        check_divisible("MAR", "encoder_embed_dim", encoder_embed_dim, "encoder_num_heads", encoder_num_heads)
+        check_divisible("MAR", "decoder_embed_dim", decoder_embed_dim, "decoder_num_heads", decoder_num_heads)
         # VAE and patchify specifics
         self.vae_embed_dim = vae_embed_dim
         self.img_size, self.vae_stride, self.patch_size = img_size, vae_stride, patch_size
@@ -607,12 +616,14 @@ class MAR(nn.Module):
             after it) and ``"tokens"`` (``(bsz, L, token_embed_dim)``, the tokens so
             far, zeros where unknown), all on the CPU.
         """
-        if not isinstance(bsz, int) or bsz < 1:
-            raise ValueError(f"bsz must be a positive int, got {bsz!r}")
+        POSITIVE_INT("sample_tokens", "bsz", bsz)
+        FINITE("sample_tokens", "cfg", cfg)
+        POSITIVE("sample_tokens", "temperature", temperature)
         if cfg_schedule not in ("linear", "constant"):
             raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
+        if self.training:
+            warnings.warn("MAR.sample_tokens in training mode: dropout is on and the samples are noisier; "
+                          "call model.eval() first", UserWarning, stacklevel=2)
         mask_schedule(self.seq_len, num_iter)  # validates num_iter
         if labels is not None:
             labels = self._check_labels(labels, bsz)

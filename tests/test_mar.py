@@ -417,7 +417,7 @@ def test_bad_inputs_fail_readably():
         model.sample_tokens(1, num_iter=17)
     with pytest.raises(ValueError, match="cfg_schedule must be 'linear' or 'constant'"):
         model.sample_tokens(1, num_iter=2, cfg=2.0, cfg_schedule="cosine")
-    with pytest.raises(ValueError, match="temperature must be positive"):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         model.sample_tokens(1, num_iter=2, temperature=0.0)
     with pytest.raises(ValueError, match="img_size 9 must be divisible"):
         tiny(img_size=9)
