@@ -177,3 +177,11 @@ def test_student_checks_fail_as_shipped_and_instructor_checks_pass(tmp_path):
         assert not errors, f"{name}: {errors[0].ename}: {errors[0].evalue}"
         text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
         assert text.count("✓") == text.count("\n") >= 1, f"{name}: {text!r}"
+
+
+def test_every_check_has_a_cell_of_its_own():
+    """Two checks in one cell would hide the second result until the first passes (in the student edition)."""
+    for path in NOTEBOOKS:
+        for index, cell in enumerate(nbformat.read(path, as_version=4).cells):
+            calls = [line for line in cell.source.splitlines() if line.startswith("check_")]
+            assert cell.cell_type != "code" or len(calls) <= 1, f"{path.name}, cell {index}: {calls}"
