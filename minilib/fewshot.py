@@ -44,7 +44,8 @@ from .adaln import DiTBlock, FinalLayer, Mlp, zero_init
 from .diffusion import GaussianDiffusion, classifier_free_guidance
 from .patch_embed import PatchEmbed, get_2d_sincos_pos_embed, patchify, unpatchify
 from .timestep import TimestepEmbedder
-from .validation import POSITIVE, POSITIVE_INT, PROBABILITY, check_arguments, check_divisible
+from .validation import (POSITIVE, POSITIVE_INT, PROBABILITY, check_arguments, check_divisible, check_float_input,
+                         check_same_batch, check_timesteps)
 
 CONDITIONING_MODES = ("film", "tokens")
 CONTEXT_MODES = ("deterministic", "variational")
@@ -279,6 +280,9 @@ class ContextDiT(nn.Module):
         zero_init(self.final_layer.linear)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        check_timesteps("ContextDiT", "t", t)
+        check_float_input("ContextDiT", "context", context, like=self.context_proj.weight)
+        check_same_batch("ContextDiT", x=x, t=t, context=context)
         N = len(x)
         want = (N, self.context_dim) if self.conditioning == "film" else (N, "M", self.context_dim)
         if (t.shape != (N,) or context.ndim != len(want) or context.shape[0] != N

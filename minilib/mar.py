@@ -55,7 +55,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .diffloss import DiffLoss, draw_on_cpu
-from .validation import FINITE, POSITIVE, POSITIVE_INT, PROBABILITY, UNIT_INTERVAL, check_arguments, check_divisible
+from .validation import (FINITE, POSITIVE, POSITIVE_INT, PROBABILITY, UNIT_INTERVAL, check_arguments, check_divisible,
+                         check_float_input, check_same_batch)
 
 # ---------------------------------------------------------------------------
 # The transformer block (timm 0.9's ViT Block, as the official code imports it)
@@ -384,7 +385,7 @@ class MAR(nn.Module):
         ordered (channel, row, column) as in the official code."""
         expected = (self.vae_embed_dim, self.seq_h * self.patch_size, self.seq_w * self.patch_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"MAR expects latents of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), "
+            raise ValueError(f"MAR expects latents of shape (B, {expected[0]}, {expected[1]}, {expected[2]}) as imgs, "
                              f"got {tuple(x.shape)}")
         return rearrange(x, "b c (h p) (w q) -> b (h w) (c p q)", p=self.patch_size, q=self.patch_size)
 
@@ -541,6 +542,8 @@ class MAR(nn.Module):
         Returns:
             the scalar diffusion loss on the masked tokens.
         """
+        check_float_input("MAR", "imgs", imgs, ndim=4, layout="(B, C, H, W)", like=self.z_proj.weight)
+        check_same_batch("MAR", imgs=imgs, labels=labels)
         labels = self._check_labels(labels, len(imgs))
         class_embedding = self.class_emb(labels)
         x = self.patchify(imgs)

@@ -45,6 +45,7 @@ from torch import nn
 
 from .autoencoder import Decoder, Encoder
 from .quantize import nearest_code
+from .validation import check_float_input
 
 VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
@@ -455,12 +456,12 @@ class VQVAE(nn.Module):
         """The side of the images the token pyramid fits: ``v_patch_nums[-1] * f``."""
         return self.quantize.v_patch_nums[-1] * self.downsample
 
-    def _check_images(self, x: torch.Tensor, who: str) -> None:
+    def _check_images(self, x: torch.Tensor, who: str, name: str = "x") -> None:
         size = self.image_size
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != self.in_channels \
-                or x.shape[2] % self.downsample or x.shape[3] % self.downsample:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{who} expects images (B, {self.in_channels}, {size}, {size}) in [-1, 1]; got {got}")
+        check_float_input(who, name, x, ndim=4, layout="(B, C, H, W)", like=self.quant_conv.weight)
+        if x.shape[1] != self.in_channels or x.shape[2] % self.downsample or x.shape[3] % self.downsample:
+            raise ValueError(f"{who} expects images (B, {self.in_channels}, {size}, {size}) in [-1, 1] as {name}; "
+                             f"got {tuple(x.shape)}")
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, 3, H, W)`` -> the continuous feature map ``f`` ``(B, Cvae, H/f, W/f)``."""
@@ -486,6 +487,7 @@ class VQVAE(nn.Module):
     def img_to_idxBl(self, inp_img_no_grad: torch.Tensor,
                      v_patch_nums: Sequence[int | tuple[int, int]] | None = None) -> list[torch.Tensor]:
         """Images -> the token pyramid: K index tensors ``(B, p_k^2)``, coarse to fine."""
+        self._check_images(inp_img_no_grad, "VQVAE.img_to_idxBl", name="inp_img_no_grad")
         f = self.encode(inp_img_no_grad)
         return self.quantize.f_to_idxBl_or_fhat(f, to_fhat=False, v_patch_nums=v_patch_nums)
 

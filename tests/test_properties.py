@@ -211,8 +211,29 @@ def _oracle():
     return Oracle(**FAMILIES[14].valid).eval(), dict(x=torch.randn(2, 3, 16, 16))
 
 
+def _vfsddpm():
+    from minilib.fewshot import VFSDDPM
+    model = VFSDDPM(**FAMILIES[6].valid).eval()
+    return model, dict(x=torch.randn(2, 3, 8, 8), t=torch.tensor([5.0, 700.0]), context=torch.randn(2, 32))
+
+
+def _mar():
+    from minilib.mar import MAR
+    torch.manual_seed(0)
+    model = MAR(**FAMILIES[3].valid).eval()
+    return model, dict(imgs=torch.randn(2, 4, 4, 4), labels=torch.tensor([1, 7]))
+
+
+def _vqvae():
+    from minilib.vqvae import VQVAE
+    torch.manual_seed(0)
+    vae = VQVAE(vocab_size=16, z_channels=8, ch=32, v_patch_nums=(1, 2), test_mode=True).eval()
+    return vae.img_to_idxBl, dict(inp_img_no_grad=torch.rand(2, 3, 32, 32) * 2 - 1)
+
+
 FORWARDS = {"DiT": _dit, "MMDiT": _mmdit, "TinyDenoiser": _tiny, "PatchEmbed": _patch_embed,
-            "AutoencoderKL": _autoencoder, "Oracle": _oracle}
+            "AutoencoderKL": _autoencoder, "Oracle": _oracle, "VFSDDPM": _vfsddpm, "MAR": _mar,
+            "VQVAE.img_to_idxBl": _vqvae}
 
 
 def corruptions(inputs: dict):

@@ -209,7 +209,7 @@ def test_bad_input_raises_clear_errors():
     vae = tiny_vqvae()
     with pytest.raises(ValueError, match=r"images \(B, 3, 8, 8\)"):
         vae(torch.randn(2, 1, 8, 8))
-    with pytest.raises(ValueError, match=r"images \(B, 3, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"inp_img_no_grad must have 4 dimensions \(B, C, H, W\)"):
         vae.img_to_idxBl(torch.randn(3, 8, 8))
     with pytest.raises(ValueError, match="last scale"):
         vae.img_to_idxBl(torch.randn(1, 3, 12, 12))
