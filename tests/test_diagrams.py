@@ -29,8 +29,6 @@ def test_each_diagram_is_drawn_and_committed(name, tmp_path):
 def test_every_committed_diagram_is_used_by_a_page():
     pages = [p.read_text() for p in [*ROOT.glob("book/*.md"), *ROOT.glob("notebooks/*.ipynb")]]
     for name in diagrams.DIAGRAMS:
-        if name in ("sd3_joint_attention", "generation_orders", "ar_maskgit_mar"):
-            continue  # placed in chapters 7, 10 and 11 together with their prose
         assert any(f"images/{name}.png" in page for page in pages), f"no page shows {name}.png"
 
 
