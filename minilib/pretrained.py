@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from .datasets import CONNECT_TIMEOUT, OFFLINE_ENV, DownloadError, download_file, is_offline
-from .training import NOT_A_CHECKPOINT, checkpoint_report, file_format, format_report
+from .training import NOT_A_CHECKPOINT, checkpoint_report, file_format, format_report, move_aside
 
 CACHE_ENV, TOKEN_ENV = "MINILIB_CACHE", "HF_TOKEN"
 
@@ -196,12 +196,7 @@ def download_checkpoint(name: str, cache: str | Path | None = None, timeout: flo
         problem = _problem_with(path, info)
         if problem is None:
             return path
-        damaged = path.with_name(path.name + ".damaged")
-        try:
-            os.replace(path, damaged)
-        except OSError as error:
-            raise DownloadError(f"{name}: the cached {path} {problem}, and it could not be moved aside "
-                                f"({error.strerror or error}): delete it and try again") from None
+        damaged = move_aside(path, f"{name}: the cached {path} {problem}", DownloadError)
         warnings.warn(f"{name}: the cached {path} {problem}; moved it to {damaged} (delete it when you "
                       f"like) and fetching the file again", stacklevel=2)
     place = f"download {info.url} yourself and put the file at {path}"

@@ -412,6 +412,21 @@ def file_format(path: str | Path) -> str:
     return "text"
 
 
+def move_aside(path: Path, problem: str, error_type: type[Exception] = ValueError) -> Path:
+    """Rename a damaged file to ``<name>.damaged``, kept for a look but never read again; return that path.
+
+    ``problem`` says what is wrong with it (it starts the error message if the file
+    cannot be moved, which then tells the reader to delete it by hand).
+    """
+    damaged = path.with_name(path.name + ".damaged")
+    try:
+        os.replace(path, damaged)
+    except OSError as error:
+        raise error_type(f"{problem}, and it could not be moved aside ({error.strerror or error}): "
+                         f"delete {path} and try again") from None
+    return damaged
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and the decoded metadata of a checkpoint file, on the CPU.
 
@@ -589,12 +604,7 @@ def load_or_train(path: str | Path, model: nn.Module, train_fn: Callable[[], obj
         try:
             tensors, saved = read_checkpoint(path)
         except ValueError as error:
-            damaged = path.with_name(path.name + ".damaged")
-            try:
-                os.replace(path, damaged)
-            except OSError as move_error:
-                raise ValueError(f"{error}. It could not be moved aside ({move_error.strerror or move_error}): "
-                                 f"delete {path} to train again.") from None
+            damaged = move_aside(path, str(error))
             warnings.warn(f"{error}.\nMoved it to {damaged} and training again.", stacklevel=2)
         else:
             _load_fitting(path, model, tensors)
