@@ -139,8 +139,9 @@ def bad_constructor_calls(family: Family):
 @pytest.mark.parametrize("family", FAMILIES, ids=repr)
 def test_constructors_name_the_bad_argument(family):
     build = _build(family.target)
+    bad_values = sum(len(BAD[kind]) for kind in family.kinds.values())
 
-    @SETTINGS
+    @settings(SETTINGS, max_examples=2 * bad_values)  # enough draws to meet (nearly) every bad value
     @given(bad_constructor_calls(family))
     def check(case):
         name, value = case
