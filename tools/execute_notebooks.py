@@ -11,7 +11,12 @@ writes the results to the cache from this process only (the workers just
 execute), so the cache's database has a single writer.
 
 A notebook whose code is already in the cache is skipped; a notebook that
-fails is reported with its traceback and makes the script exit 1. The budget
+fails is reported with its traceback and makes the script exit 1. The workers
+are started with ``spawn``, not ``fork``: a forked copy of this process (with
+its threads and open database) is not a safe place to start kernels from. A
+notebook whose kernel dies or hangs past the cell timeout is run once more
+before it counts as failed, since that is a fault of the machinery, not of the
+notebook's code; a notebook that raises an error fails at once. The budget
 comes from ``MINILIB_BUDGET`` in the environment, as in the build. Run it with
 the virtual environment's Python (it needs jupyter-cache and nbclient).
 """
@@ -19,6 +24,7 @@ the virtual environment's Python (it needs jupyter-cache and nbclient).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -48,6 +54,21 @@ def execute(path: Path, timeout: int) -> tuple[Path, nbformat.NotebookNode | Non
     return path, notebook, result.time, error
 
 
+# nbclient's errors for a kernel that died or stopped answering (not an error raised by a cell)
+MACHINERY_ERRORS = ("DeadKernelError", "CellTimeoutError", "TimeoutError")
+
+
+def execute_with_retry(path: Path, timeout: int) -> tuple[Path, nbformat.NotebookNode | None, float, str | None]:
+    """``execute``, run a second time if the first attempt ended in a dead or hung kernel."""
+    path, notebook, seconds, error = execute(path, timeout)
+    if error is not None and any(name in error for name in MACHINERY_ERRORS):
+        print(f"RETRYING  {path.relative_to(ROOT)}: its kernel died or hung ({error.strip().splitlines()[-1]})",
+              flush=True)
+        path, notebook, more_seconds, error = execute(path, timeout)
+        seconds += more_seconds
+    return path, notebook, seconds, error
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, required=True, help="the build's jupyter-cache folder")
@@ -67,8 +88,8 @@ def main() -> int:
             todo.append(path)
     failures = []
     start = time.monotonic()
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(execute, path, args.timeout) for path in todo]
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(execute_with_retry, path, args.timeout) for path in todo]
         for future in as_completed(futures):
             path, notebook, seconds, error = future.result()
             name = path.relative_to(ROOT)
