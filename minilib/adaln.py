@@ -31,7 +31,7 @@ from torch import nn
 from .patch_embed import PatchEmbed, get_2d_sincos_pos_embed, unpatchify
 from .timestep import LabelEmbedder, TimestepEmbedder
 from .validation import (POSITIVE, POSITIVE_INT, PROBABILITY, check_arguments, check_divisible, check_float_input,
-                         check_in_interval, check_index_input, check_same_batch)
+                         check_range, check_same_batch)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
@@ -203,8 +203,7 @@ class TinyDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         check_float_input("TinyDenoiser", "t", t, ndim=1, layout="(B,)")
-        check_in_interval("TinyDenoiser", "t", t, 0.0, 1.0, why="rectified-flow time (not a 0..999 timestep)")
-        check_index_input("TinyDenoiser", "y", y, 1, 0, self.y_embedder.embedding_table.num_embeddings - 1)
+        check_range(t, 0.0, 1.0, "TinyDenoiser: t (rectified-flow time, not a 0..999 timestep)")
         check_same_batch("TinyDenoiser", x=x, t=t, y=y)
         tokens = self.x_embedder(x) + self.pos_embed  # (B, L, D)
         t_emb, y_emb = self.t_embedder(t * 1000), self.y_embedder(y)  # t in [0,1] -> DiT's 0..1000 scale

@@ -26,8 +26,8 @@ from torch import nn
 from .adaln import DiTBlock, FinalLayer, zero_init
 from .patch_embed import PatchEmbed, get_2d_sincos_pos_embed, unpatchify
 from .timestep import LabelEmbedder, TimestepEmbedder
-from .validation import (POSITIVE, POSITIVE_INT, PROBABILITY, check_arguments, check_divisible, check_index_input,
-                         check_same_batch, check_timesteps)
+from .validation import (POSITIVE, POSITIVE_INT, PROBABILITY, check_arguments, check_divisible, check_same_batch,
+                         check_timesteps)
 
 # The model sizes of the paper's Table 1, each with patch sizes 2, 4 and 8.
 # "DiT-XL/2" is XL with 2x2 patches; the input size (32 for 256 px images
@@ -131,7 +131,6 @@ class DiT(nn.Module):
             variance channels if ``learn_sigma``.
         """
         check_timesteps("DiT", "t", t)
-        check_index_input("DiT", "y", y, 1, 0, self.y_embedder.embedding_table.num_embeddings - 1)
         check_same_batch("DiT", x=x, t=t, y=y)
         tokens = self.x_embedder(x) + self.pos_embed  # (N, L, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)

@@ -118,9 +118,9 @@ class LabelEmbedder(nn.Module):
     def forward(self, labels: torch.Tensor, train: bool | None = None,
                 force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         if labels.ndim != 1 or labels.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"labels must be a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
+            raise ValueError(f"labels y must be a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
         max_label = self.embedding_table.num_embeddings - 1
-        check_range(labels, 0, max_label, "labels")
+        check_range(labels, 0, max_label, "labels y")  # the models call them y: the message names both
         train = self.training if train is None else train
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids)

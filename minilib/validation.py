@@ -1,7 +1,7 @@
 """Checks of arguments and inputs, one helper for each kind, used across minilib.
 
 ``check_arguments`` checks the settings of constructors and samplers (sizes,
-ratios, probabilities) by rules; ``check_float_input``, ``check_index_input`` and
+ratios, probabilities) by rules; ``check_float_input``, ``check_timesteps`` and
 ``check_same_batch`` check the tensors of forward passes. Every failure is a
 ``TypeError`` or ``ValueError`` that names the argument and what was expected.
 
@@ -25,16 +25,17 @@ import numbers
 import torch
 
 
-def check_range(values: torch.Tensor, low: int, high: int, what: str) -> None:
-    """Raise unless every entry of the integer tensor ``values`` lies in ``[low, high]`` (inclusive)."""
+def check_range(values: torch.Tensor, low: float, high: float, what: str) -> None:
+    """Raise unless every entry of ``values`` (ints or floats) lies in ``[low, high]`` (inclusive; NaN fails)."""
     if values.numel() == 0:
         return
     message = f"{what} must lie in [{low}, {high}]"
+    inside = ((values >= low) & (values <= high)).all()
     if values.device.type == "cpu":
-        if values.min() < low or values.max() > high:
+        if not inside:
             raise ValueError(f"{message}, got min {values.min().item()} max {values.max().item()}")
     else:
-        torch._assert_async(((values >= low) & (values <= high)).all(), message)
+        torch._assert_async(inside, message)
 
 
 # --- arguments ---------------------------------------------------------------------------
@@ -132,17 +133,6 @@ def check_float_input(where: str, name: str, x, ndim: int | None = None, layout:
                         f"convert it with {name}.to({like.dtype}) (or run under torch.autocast)")
 
 
-def check_index_input(where: str, name: str, x, ndim: int, low: int, high: int) -> None:
-    """An integer tensor of rank ``ndim`` whose entries lie in ``[low, high]``."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{where}: {name} must be a torch.Tensor of ints, got {type(x).__name__}")
-    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
-        raise TypeError(f"{where}: {name} must be an integer tensor (torch.long), got dtype {x.dtype}")
-    if x.ndim != ndim:
-        raise ValueError(f"{where}: {name} must have {ndim} dimension(s), got shape {tuple(x.shape)}")
-    check_range(x, low, high, f"{where}: {name}")
-
-
 def check_same_batch(where: str, **tensors: torch.Tensor) -> None:
     """All tensors have the same batch size (first dimension)."""
     sizes = {name: len(t) for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.ndim}
@@ -156,16 +146,6 @@ def check_finite(where: str, name: str, x: torch.Tensor) -> None:
     if x.device.type == "cpu" and not torch.isfinite(x).all():
         raise ValueError(f"{where}: {name} contains NaN or infinite values")
 
-
-def check_in_interval(where: str, name: str, x: torch.Tensor, low: float, high: float, why: str = "") -> None:
-    """Every entry of the float tensor ``x`` in ``[low, high]`` (NaN fails); queued on a GPU."""
-    message = f"{where}: {name} must lie in [{low}, {high}]" + (f", {why}" if why else "")
-    inside = (x >= low) & (x <= high)
-    if x.device.type == "cpu":
-        if not inside.all():
-            raise ValueError(f"{message}; got min {x.min().item()} max {x.max().item()}")
-    else:
-        torch._assert_async(inside.all(), message)
 
 
 def check_number(value, name: str, low: float | None = None, high: float | None = None,

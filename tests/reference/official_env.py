@@ -40,18 +40,17 @@ STUBBED_PACKAGES = ("torchvision", "transformers")
 OUTPUT_DIR = Path(__file__).resolve().parent / "official"
 
 
-def _placeholder(name: str) -> type:
-    """A new placeholder class; attributes of it are placeholders too, one per name."""
-    return _PlaceholderMeta(name, (_Placeholder,), {})
+def _placeholder_attribute(owner, name: str) -> type:
+    """``owner.name`` for a stand-in module or class: a new placeholder class, kept on ``owner``."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    value = _PlaceholderMeta(name, (_Placeholder,), {})
+    setattr(owner, name, value)
+    return value
 
 
 class _PlaceholderMeta(type):
-    def __getattr__(cls, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        value = _placeholder(name)
-        setattr(cls, name, value)
-        return value
+    __getattr__ = _placeholder_attribute  # attributes of a placeholder class are placeholders too
 
 
 class _Placeholder(metaclass=_PlaceholderMeta):
@@ -60,12 +59,7 @@ class _Placeholder(metaclass=_PlaceholderMeta):
 
 
 class _StubModule(types.ModuleType):
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        value = _placeholder(name)
-        setattr(self, name, value)
-        return value
+    __getattr__ = _placeholder_attribute
 
 
 class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
