@@ -822,23 +822,36 @@ def read_idx(path: str | Path, expected_ndim: int | None = None) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape)
 
 
-def _find_mnist_file(root: Path, name: str, download_missing: bool) -> Path:
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FASHION_MNIST_MD5 = {   # Zalando Research's README (github.com/zalandoresearch/fashion-mnist)
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+FASHION_MNIST_CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat",
+                         "sandal", "shirt", "sneaker", "bag", "ankle boot")
+
+
+def _find_mnist_file(root: Path, name: str, download_missing: bool, fashion: bool = False) -> Path:
     # Also look where torchvision puts MNIST, so readers can reuse a download.
-    for folder in (root, root / "MNIST" / "raw"):
+    for folder in (root, root / ("FashionMNIST" if fashion else "MNIST") / "raw"):
         for candidate in (folder / name, folder / f"{name}.gz"):
             if candidate.is_file():
                 return candidate
-    url = MNIST_URL + f"{name}.gz"
+    url = (FASHION_MNIST_URL if fashion else MNIST_URL) + f"{name}.gz"
+    loader = "load_fashion_mnist" if fashion else "load_mnist"
     if download_missing:
-        return download_file(url, root / f"{name}.gz", md5=MNIST_MD5[f"{name}.gz"],
-                             folder_hint=" (pass another root folder to load_mnist)")
+        md5 = (FASHION_MNIST_MD5 if fashion else MNIST_MD5)[f"{name}.gz"]
+        return download_file(url, root / f"{name}.gz", md5=md5,
+                             folder_hint=f" (pass another root folder to {loader})")
     raise FileNotFoundError(
-        f"MNIST file {name} not found: looked for {root / name} and {root / name}.gz. "
-        f"Download {url} into {root}, or call load_mnist({str(root)!r}, download=True).")
+        f"{'Fashion-MNIST' if fashion else 'MNIST'} file {name} not found: looked for {root / name} and "
+        f"{root / name}.gz. Download {url} into {root}, or call {loader}({str(root)!r}, download=True).")
 
 
 def load_mnist(root: str | Path, train: bool = True, download: bool = False,
-               image_size: int | None = None) -> ImageDataset:
+               image_size: int | None = None, fashion: bool = False) -> ImageDataset:
     """MNIST from the standard IDX files in ``root`` (raw or ``.gz``).
 
     Args:
@@ -848,14 +861,16 @@ def load_mnist(root: str | Path, train: bool = True, download: bool = False,
         download: fetch missing files from :data:`MNIST_URL` with :func:`download_file`
             (needs the network; with ``$MINILIB_OFFLINE`` set it fails at once).
         image_size: resize to this side (default: keep 28).
+        fashion: read Fashion-MNIST (Xiao et al. 2017) instead, the same format with ten
+            kinds of clothing; :func:`load_fashion_mnist` says this for you.
 
     Returns:
         ImageDataset, images float32 ``(N, 1, H, W)`` in ``[-1, 1]``, labels 0-9.
     """
     root = Path(root).expanduser().resolve()
     prefix = "train" if train else "t10k"
-    images_path = _find_mnist_file(root, f"{prefix}-images-idx3-ubyte", download)
-    labels_path = _find_mnist_file(root, f"{prefix}-labels-idx1-ubyte", download)
+    images_path = _find_mnist_file(root, f"{prefix}-images-idx3-ubyte", download, fashion)
+    labels_path = _find_mnist_file(root, f"{prefix}-labels-idx1-ubyte", download, fashion)
     images = read_idx(images_path, expected_ndim=3)
     labels = read_idx(labels_path, expected_ndim=1)
     if images.shape[0] != labels.shape[0]:
@@ -866,8 +881,16 @@ def load_mnist(root: str | Path, train: bool = True, download: bool = False,
     images = uint8_to_unit(images).unsqueeze(1)
     if image_size is not None:
         images = resize(images, image_size)
-    return ImageDataset(images, torch.from_numpy(labels.astype(np.int64)),
-                        [str(d) for d in range(10)], name=f"mnist-{prefix}")
+    class_names = list(FASHION_MNIST_CLASSES) if fashion else [str(d) for d in range(10)]
+    return ImageDataset(images, torch.from_numpy(labels.astype(np.int64)), class_names,
+                        name=f"{'fashion-mnist' if fashion else 'mnist'}-{prefix}")
+
+
+def load_fashion_mnist(root: str | Path, train: bool = True, download: bool = False,
+                       image_size: int | None = None) -> ImageDataset:
+    """Fashion-MNIST from its IDX files in ``root``: :func:`load_mnist` with ``fashion=True``."""
+    return load_mnist(root, train, download, image_size, fashion=True)
+
 
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
@@ -943,3 +966,85 @@ def load_cifar10(root: str | Path, train: bool = True, download: bool = False,
     if image_size is not None:
         images = resize(images, image_size)
     return ImageDataset(images, labels, CIFAR10_CLASSES, name="cifar10-" + ("train" if train else "test"))
+
+
+# ---------------------------------------------------------------------------
+# One entry point for the chapters
+# ---------------------------------------------------------------------------
+
+DATA_ENV = "MINILIB_DATA"
+REAL_DATASETS = {   # name: (loader, download size, image side as stored)
+    "mnist": (load_mnist, "11 MB", 28),
+    "fashion-mnist": (load_fashion_mnist, "30 MB", 28),
+    "cifar10": (load_cifar10, "162 MB", 32),
+}
+DATASETS = ("digits",) + tuple(REAL_DATASETS)
+
+
+def data_root() -> Path:
+    """Where downloaded datasets live: ``$MINILIB_DATA`` if set, else ``~/.cache/minilib/data``."""
+    return Path(os.environ.get(DATA_ENV) or Path.home() / ".cache" / "minilib" / "data").expanduser()
+
+
+def load_dataset(name: str, image_size: int | None = None, train: bool = True, limit: int | None = None,
+                 root: str | Path | None = None, download: bool = True) -> ImageDataset:
+    """A dataset by name, as the chapters ask for it: ``"digits"`` (scikit-learn's 8x8 digits, no
+    download), ``"mnist"``, ``"fashion-mnist"`` (28x28 grey) or ``"cifar10"`` (32x32 colour).
+
+    The real datasets are read from ``root/<name>`` (default :func:`data_root`), downloaded there
+    once if missing (the size is printed first) and checked against the publishers' MD5 sums.
+
+    Args:
+        image_size: resize to this side (MNIST's 28 -> 32 matches the book's 32x32 models).
+        train: the training split (the test split otherwise; ``digits`` has only one).
+        limit: keep the first ``limit`` images (e.g. to fit a small budget).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+    if limit is not None:
+        check_number(limit, "limit", low=1, integer=True)
+    if name == "digits":
+        dataset = load_digits(image_size or 8)
+    else:
+        loader, size, _ = REAL_DATASETS[name]
+        folder = Path(root or data_root()) / name
+        try:
+            dataset = loader(folder, train=train, download=False, image_size=image_size)
+        except FileNotFoundError:
+            if not download:
+                raise
+            print(f"{name} is not in {folder}: downloading it once ({size}) ...", flush=True)
+            dataset = loader(folder, train=train, download=True, image_size=image_size)
+    if limit is not None and limit < len(dataset):
+        dataset = dataset.subset(torch.arange(limit))
+    return dataset
+
+
+def write_miniature_files(root: str | Path, images_per_split: int = 64, seed: int = 0) -> Path:
+    """Write tiny stand-ins for MNIST, Fashion-MNIST and CIFAR-10 into ``root/<name>``, in the real
+    file formats (gzipped IDX, CIFAR-10's binary batches), so that code which reads the real
+    datasets can be run without the network (the tests do this). The pixels are random; the
+    labels cycle through 0-9. Returns ``root``.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(images_per_split) % 10).astype(np.uint8)
+    for name in ("mnist", "fashion-mnist"):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for prefix in ("train", "t10k"):
+            pixels = rng.integers(0, 256, size=(images_per_split, 28, 28), dtype=np.uint8)
+            _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", pixels)
+            _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    folder = root / "cifar10" / CIFAR10_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        pixels = rng.integers(0, 256, size=(images_per_split, 3 * 32 * 32), dtype=np.uint8)
+        np.concatenate([labels[:, None], pixels], axis=1).tofile(folder / name)
+    return root
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())

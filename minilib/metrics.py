@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilib.datasets import ImageDataset, ShapesDataset, infinite_batches, load_digits
+from minilib.datasets import ImageDataset, ShapesDataset, infinite_batches, load_dataset, load_digits
 from minilib.training import History, load_or_train, read_checkpoint, train
 from minilib.validation import POSITIVE_INT, check_arguments
 
@@ -181,12 +181,15 @@ def train_oracle(dataset: ImageDataset, steps: int = 300, batch_size: int = 128,
     return oracle
 
 
-ORACLE_DATASETS = ("digits", "shapes")
+ORACLE_DATASETS = ("digits", "shapes", "mnist", "fashion-mnist", "cifar10")
 
 
 def oracle_dataset(dataset_name: str, label: str = "shape_colour", image_size: int | None = None,
                    num_images: int = 6000, seed: int = 0) -> ImageDataset:
-    """The real data an oracle learns from: ``"digits"`` (16x16) or ``"shapes"`` (32x32).
+    """The real data an oracle learns from: ``"digits"`` (16x16), ``"shapes"`` (32x32), or one of
+    the downloaded datasets of :func:`~minilib.datasets.load_dataset` (``"mnist"``,
+    ``"fashion-mnist"``, ``"cifar10"``; their whole training split, at their own size unless
+    ``image_size`` is given).
 
     ``label`` (shapes only) picks the classes, see :class:`~minilib.datasets.ShapesDataset`;
     ``num_images`` (shapes only) sets how many are rendered.
@@ -195,6 +198,8 @@ def oracle_dataset(dataset_name: str, label: str = "shape_colour", image_size: i
         return load_digits(image_size or 16)
     if dataset_name == "shapes":
         return ShapesDataset(num_images, image_size or 32, seed=seed, label=label)
+    if dataset_name in ORACLE_DATASETS:
+        return load_dataset(dataset_name, image_size=image_size)
     raise ValueError(f"dataset_name must be one of {ORACLE_DATASETS}, got {dataset_name!r}")
 
 

@@ -379,3 +379,30 @@ def test_download_checks_the_md5(tmp_path, monkeypatch):
     with pytest.raises(D.DownloadError, match="MD5.*download was deleted"):
         load_mnist(tmp_path, download=True)
     assert not files_in(tmp_path)
+
+
+def test_load_dataset_reads_every_real_format_from_the_data_root(tmp_path, monkeypatch):
+    from minilib.datasets import DATA_ENV, data_root, load_dataset, write_miniature_files
+    write_miniature_files(tmp_path, images_per_split=20)
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    assert data_root() == tmp_path
+    mnist = load_dataset("mnist", image_size=32, limit=12)
+    assert mnist.images.shape == (12, 1, 32, 32) and mnist.labels.tolist() == [i % 10 for i in range(12)]
+    fashion = load_dataset("fashion-mnist", train=False)
+    assert fashion.images.shape == (20, 1, 28, 28) and fashion.class_names[9] == "ankle boot"
+    cifar = load_dataset("cifar10")
+    assert cifar.images.shape == (100, 3, 32, 32) and cifar.class_names[0] == "airplane"
+    assert load_dataset("digits").images.shape == (1797, 1, 8, 8)
+
+
+def test_load_dataset_says_what_it_expected(tmp_path, monkeypatch):
+    from minilib.datasets import OFFLINE_ENV, DownloadError, load_dataset
+    with pytest.raises(ValueError, match="expected one of"):
+        load_dataset("imagenet")
+    with pytest.raises(ValueError, match="limit"):
+        load_dataset("digits", limit=0)
+    with pytest.raises(FileNotFoundError, match="load_fashion_mnist"):
+        load_dataset("fashion-mnist", root=tmp_path, download=False)
+    monkeypatch.setenv(OFFLINE_ENV, "1")
+    with pytest.raises(DownloadError):
+        load_dataset("mnist", root=tmp_path)

@@ -166,3 +166,14 @@ def test_bad_input_raises_clear_errors(digits, digits_oracle):
         split_dataset(digits, val_fraction=1.0)
     with pytest.raises(ValueError, match="does not fit the dataset"):
         fit_oracle(Oracle(3, 10), digits, steps=1)
+
+
+def test_an_oracle_learns_a_downloaded_dataset_from_the_data_root(tmp_path, monkeypatch):
+    from minilib.datasets import DATA_ENV, write_miniature_files
+    from minilib.metrics import load_or_train_oracle, oracle_features
+    write_miniature_files(tmp_path, images_per_split=40)
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    oracle = load_or_train_oracle("cifar10", tmp_path / "oracle.safetensors", steps=2)
+    assert oracle_features(oracle, torch.zeros(3, 3, 32, 32)).shape[0] == 3
+    mnist = load_or_train_oracle("mnist", None, image_size=32, steps=2)
+    assert mnist(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
