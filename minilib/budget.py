@@ -12,6 +12,18 @@ hard-codes its sizes; it asks this module::
 The budget comes from the environment variable ``MINILIB_BUDGET``; without it
 the default is ``gpu`` when CUDA is available and ``cpu`` otherwise. The test
 suite and CI set ``MINILIB_BUDGET=ci``.
+
+**Miniature runs.** ``MINILIB_MINIATURE=1`` keeps the chosen budget's settings
+(model sizes, batch sizes, data pipeline) but caps the amount of work, so that
+the ``gpu`` configuration can be executed end to end on a CPU in seconds: every
+setting named ``steps`` or ``*_steps`` (and the step counts in lists and digit
+strings under such names) is capped at :data:`MINIATURE_STEPS`, every
+``*samples*``/``*per_class``/``*per_prompt``/``*per_set`` count at
+:data:`MINIATURE_SAMPLES`, and training runs in bfloat16 autocast on the CPU as
+it would on a GPU. The test suite runs every notebook this way with
+``MINILIB_BUDGET=gpu`` on tiny stand-in datasets (``tools/miniature.py``); the
+numbers such a run prints mean nothing, but every code path of the ``gpu``
+budget is executed.
 """
 
 from __future__ import annotations
@@ -26,6 +38,9 @@ import torch
 
 BUDGETS = ("ci", "cpu", "gpu")
 ENV_VAR = "MINILIB_BUDGET"
+MINIATURE_ENV = "MINILIB_MINIATURE"
+MINIATURE_STEPS = 2
+MINIATURE_SAMPLES = 4
 
 
 def current_budget() -> str:
@@ -38,12 +53,51 @@ def current_budget() -> str:
     return name
 
 
+def miniature() -> bool:
+    """True when ``MINILIB_MINIATURE`` is set to 1 (a capped run of a budget's configuration)."""
+    value = os.environ.get(MINIATURE_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise ValueError(f"{MINIATURE_ENV}={value!r}: expected 1 (a miniature run) or 0")
+
+
+def _cap(value, limit: int):
+    """``value`` with every count in it capped at ``limit``: ints, digit strings, lists of ints."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return min(value, limit)
+    if isinstance(value, str) and value.isdigit():
+        return str(min(int(value), limit))
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) and not isinstance(v, bool)
+                                                          for v in value):
+        capped = list(dict.fromkeys(min(v, limit) for v in value))
+        return type(value)(capped)
+    return value
+
+
+def miniaturise(settings: dict) -> dict:
+    """The settings of a miniature run: step counts capped at :data:`MINIATURE_STEPS`, sample
+    counts at :data:`MINIATURE_SAMPLES`, everything else (sizes, data, rates) unchanged."""
+    capped = {}
+    for key, value in settings.items():
+        if key == "steps" or key.endswith("_steps") or key.endswith("step_counts") or key.endswith("step_sweep"):
+            value = _cap(value, MINIATURE_STEPS)
+        elif "samples" in key or key.endswith(("per_class", "per_prompt", "per_set", "per_pair")):
+            value = _cap(value, MINIATURE_SAMPLES)
+        capped[key] = value
+    return capped
+
+
 def choose(ci: dict, cpu: dict, gpu: dict, budget: str | None = None) -> SimpleNamespace:
     """Pick the settings of the active budget.
 
     The three dicts must have the same keys, so that a setting cannot silently
     exist in one budget only. Returns a namespace with one attribute per key
-    plus ``budget`` (the name that was chosen).
+    plus ``budget`` (the name that was chosen) and ``miniature`` (whether the
+    run is capped, see :func:`miniaturise`).
     """
     options = {"ci": ci, "cpu": cpu, "gpu": gpu}
     keys = set(ci)
@@ -55,7 +109,11 @@ def choose(ci: dict, cpu: dict, gpu: dict, budget: str | None = None) -> SimpleN
     name = budget or current_budget()
     if name not in options:
         raise ValueError(f"budget {name!r} is not one of {BUDGETS}")
-    return SimpleNamespace(budget=name, **options[name])
+    settings = options[name]
+    small = miniature()
+    if small:
+        settings = miniaturise(settings)
+    return SimpleNamespace(budget=name, miniature=small, **settings)
 
 
 def default_device() -> torch.device:
@@ -78,6 +136,28 @@ def running_on_colab() -> bool:
     return "google.colab" in sys.modules
 
 
+def budget_mismatch(budget: str, device: torch.device) -> str | None:
+    """A warning when the budget does not suit the device, or None when it does.
+
+    ``gpu`` without CUDA trains the full-size models on a CPU, which takes hours
+    per chapter; ``cpu`` on a CUDA machine runs the small settings and leaves
+    the GPU idle.
+    """
+    if miniature():
+        return None
+    if budget == "gpu" and device.type != "cuda":
+        return (f"MINILIB_BUDGET is 'gpu' but the device is {device.type}: the gpu settings train "
+                f"models 10-50x larger for 5-10x more steps than 'cpu', hours per chapter on a CPU "
+                f"instead of minutes. Switch with `%env {ENV_VAR}=cpu` (or unset {ENV_VAR}) and "
+                f"restart the kernel, or run on a GPU.")
+    if budget == "cpu" and device.type == "cuda":
+        return (f"MINILIB_BUDGET is 'cpu' but a GPU is present: the notebook runs the small laptop "
+                f"settings (tiny data, short training) and the GPU idles. For the full-size "
+                f"experiments on real datasets use `%env {ENV_VAR}=gpu` (or unset {ENV_VAR}) and "
+                f"restart the kernel; a chapter then takes a few minutes on a T4.")
+    return None
+
+
 def setup_notebook(seed: int = 0, verbose: bool = True) -> torch.device:
     """What every chapter's first cell calls after making sure minilib is installed.
 
@@ -92,6 +172,12 @@ def setup_notebook(seed: int = 0, verbose: bool = True) -> torch.device:
         print(f"minilib budget: {budget!r}   device: {device}   torch {torch.__version__}")
         if device.type == "cuda":
             print(f"GPU: {torch.cuda.get_device_name(0)}")
+        mismatch = budget_mismatch(budget, device)
+        if mismatch:
+            print("Warning: " + mismatch)
+        if miniature():
+            print(f"{MINIATURE_ENV}=1: a miniature run (every step count capped at {MINIATURE_STEPS}); "
+                  f"its numbers mean nothing")
         if running_on_colab() and device.type != "cuda":
             print("No GPU runtime is selected, so this notebook runs the small 'cpu' budget.\n"
                   "For the full-size experiments choose Runtime > Change runtime type > "

@@ -66,3 +66,49 @@ def test_show_source_renders_real_code():
         show_source(3)
     with pytest.raises(ValueError, match="lines must satisfy"):
         show_source(modulate, lines=(5, 500))
+
+
+def test_a_miniature_run_caps_work_but_keeps_sizes(monkeypatch):
+    from minilib.budget import MINIATURE_ENV, choose
+    settings = dict(steps=6000, toy_steps=1500, ddpm_steps="250", respacing="ddim25", step_counts=[1, 2, 4, 8],
+                    samples_per_class=8, num_samples=2000, hidden=256, batch_size=128, lr=1e-4, num_images=6000)
+    monkeypatch.setenv(MINIATURE_ENV, "1")
+    cfg = choose(ci=settings, cpu=settings, gpu=settings, budget="gpu")
+    assert cfg.miniature and cfg.budget == "gpu"
+    assert (cfg.steps, cfg.toy_steps, cfg.ddpm_steps, cfg.step_counts) == (2, 2, "2", [1, 2])
+    assert (cfg.samples_per_class, cfg.num_samples) == (4, 4)
+    assert (cfg.hidden, cfg.batch_size, cfg.lr, cfg.num_images, cfg.respacing) == (256, 128, 1e-4, 6000, "ddim25")
+    monkeypatch.setenv(MINIATURE_ENV, "maybe")
+    with pytest.raises(ValueError, match="expected 1"):
+        choose(ci=settings, cpu=settings, gpu=settings)
+    monkeypatch.setenv(MINIATURE_ENV, "0")
+    assert choose(ci=settings, cpu=settings, gpu=settings, budget="gpu").steps == 6000
+
+
+def test_a_budget_that_does_not_suit_the_device_is_named(monkeypatch):
+    from minilib.budget import MINIATURE_ENV, budget_mismatch
+    monkeypatch.delenv(MINIATURE_ENV, raising=False)
+    assert "hours per chapter" in budget_mismatch("gpu", torch.device("cpu"))
+    assert "%env MINILIB_BUDGET=cpu" in budget_mismatch("gpu", torch.device("cpu"))
+    assert "GPU idles" in budget_mismatch("cpu", torch.device("cuda"))
+    assert budget_mismatch("cpu", torch.device("cpu")) is None
+    assert budget_mismatch("gpu", torch.device("cuda")) is None
+    assert budget_mismatch("ci", torch.device("cpu")) is None
+
+
+def test_training_autocasts_on_the_cpu_only_in_a_miniature_run(monkeypatch):
+    from minilib.budget import MINIATURE_ENV
+    from minilib.training import train
+    seen = []
+
+    def loss_fn(model, batch):
+        out = model(batch[0])
+        seen.append(out.dtype)
+        return out.float().pow(2).mean()
+
+    batches = iter([(torch.randn(4, 3),)] * 4)
+    monkeypatch.setenv(MINIATURE_ENV, "1")
+    train(torch.nn.Linear(3, 2), loss_fn, batches, steps=1, progress=False)
+    monkeypatch.setenv(MINIATURE_ENV, "0")
+    train(torch.nn.Linear(3, 2), loss_fn, batches, steps=1, progress=False)
+    assert seen == [torch.bfloat16, torch.float32]
