@@ -14,7 +14,8 @@ It does two things:
 2. **One execution cache per run budget.** Notebook outputs depend on
    ``MINILIB_BUDGET`` (ci, cpu or gpu), not only on the notebook's source, so each
    budget gets its own jupyter-cache folder: a ``ci`` build never publishes stale
-   ``cpu`` outputs, or the other way round.
+   ``cpu`` outputs, or the other way round (a miniature run, ``MINILIB_MINIATURE=1``,
+   has its own folder too).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def _use_cdn_if_not_installed(app, config) -> None:
 def _cache_per_budget(app, config) -> None:
     """Keep executed notebooks in ``_build/.jupyter_cache/<budget>/``."""
     budget = os.environ.get("MINILIB_BUDGET", "").strip().lower() or "default"
+    if os.environ.get("MINILIB_MINIATURE", "").strip() == "1":
+        budget += "-miniature"
     config.nb_execution_cache_path = str(Path(app.outdir).parent / ".jupyter_cache" / budget)
 
 

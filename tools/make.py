@@ -12,8 +12,9 @@ change.
 
 ``test`` runs in two stages. First pytest runs ``tests/`` and every notebook
 under nbval. Then, if that passed and no pytest arguments narrowed the run, the
-site test (tests/test_site.py) builds the website with the ``ci`` budget into
-``_build/test-site`` and opens every page in headless Chromium. For that stage
+site test (tests/test_site.py) builds the website from a miniature run of the
+``gpu`` budget (``book --budget gpu --miniature``) into ``_build/test-site`` and
+opens every page in headless Chromium. For that stage
 ``test`` installs what the site needs: the offline MathJax and widget scripts
 (``npm ci``) and, if it is missing, Debian's ``chromium`` (``apt-get``, as root).
 ``--no-site`` skips the second stage.
@@ -133,24 +134,36 @@ def cmd_test(pytest_args: list[str], site: bool) -> int:
         return code
     ensure_offline_assets(required=True)
     ensure_chromium()
-    step("site test: build the website with MINILIB_BUDGET=ci and open every page in Chromium "
+    step("site test: build the website from a miniature run of MINILIB_BUDGET=gpu and open every page in Chromium "
          "(tests/test_site.py)")
     env["MINILIB_SITE_TEST"] = "1"
     env.pop("MPLBACKEND")  # the notebooks' figures must use the inline backend
     return run([VENV_PYTHON, "-m", "pytest", "-v", ROOT / "tests" / "test_site.py"], env=env)
 
 
-def cmd_book(budget: str, jobs: int, output: Path = ROOT) -> int:
-    """Execute the notebooks whose code changed, then build ``<output>/_build/html``."""
+def cmd_book(budget: str, jobs: int, output: Path = ROOT, miniature: bool = False, timeout: int = 0) -> int:
+    """Execute the notebooks whose code changed, then build ``<output>/_build/html``.
+
+    ``miniature``: run the budget's configuration with capped step counts (``MINILIB_MINIATURE=1``, see
+    minilib/budget.py) on tiny stand-ins of the real datasets written into the build folder, offline.
+    ``timeout``: seconds one cell may run (0: no limit)."""
     ensure_venv()
     ensure_offline_assets()
     env = venv_env(MINILIB_BUDGET=budget)
     env.pop("MPLBACKEND", None)  # figures must use the notebook's inline backend
-    step(f"executing the notebooks whose code changed since the last build, MINILIB_BUDGET={budget}, "
-         f"{jobs} at a time")
     build = output.resolve() / "_build"
-    cache = build / ".jupyter_cache" / budget  # the build's cache for this budget (tools/book_ext.py)
-    code = run([VENV_PYTHON, ROOT / "tools" / "execute_notebooks.py", "--cache", cache, "--jobs", jobs], env=env)
+    cache_name = budget
+    if miniature:
+        data = build / "miniature-data"
+        check([VENV_PYTHON, "-c", "import sys; from minilib.datasets import write_miniature_files; "
+                                  "write_miniature_files(sys.argv[1], 256)", data])
+        env.update(MINILIB_MINIATURE="1", MINILIB_DATA=str(data), MINILIB_OFFLINE="1")
+        cache_name += "-miniature"
+    step(f"executing the notebooks whose code changed since the last build, MINILIB_BUDGET={budget}"
+         f"{' (miniature)' if miniature else ''}, {jobs} at a time")
+    cache = build / ".jupyter_cache" / cache_name  # the build's cache for this budget (tools/book_ext.py)
+    code = run([VENV_PYTHON, ROOT / "tools" / "execute_notebooks.py", "--cache", cache, "--jobs", jobs,
+                "--timeout", timeout, "--timings", build / f"timings-{cache_name}.json"], env=env)
     if code != 0:
         return code
     step("building the book")
@@ -185,6 +198,10 @@ def main() -> int:
                       help="notebooks executed at the same time (each uses every core: 1 suits a laptop)")
     book.add_argument("--output", type=Path, default=ROOT,
                       help="build into OUTPUT/_build (default: the repository; the site test uses _build/test-site)")
+    book.add_argument("--miniature", action="store_true",
+                      help="run the budget's configuration with every step count capped at 2, on tiny offline "
+                           "stand-ins of the real datasets (the site test does this with --budget gpu)")
+    book.add_argument("--timeout", type=int, default=0, help="seconds one cell may run (default 0: no limit)")
     commands.add_parser("check-site", help="check _build/html in headless Chromium")
     commands.add_parser("editions", help="write the student and instructor editions of the notebooks "
                                          "to _build/editions")
@@ -196,7 +213,7 @@ def main() -> int:
     if args.command == "test":
         code = cmd_test(extra, site=not args.no_site)
     elif args.command == "book":
-        code = cmd_book(args.budget, args.jobs, args.output)
+        code = cmd_book(args.budget, args.jobs, args.output, args.miniature, args.timeout)
     elif args.command == "editions":
         code = cmd_editions()
     else:
