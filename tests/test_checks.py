@@ -378,3 +378,94 @@ def test_velocity_mistakes_get_their_hints():
         checks.check_velocity_from_eps(lambda x_t, eps, a, b, da, db: da * x_t + db * eps)
     with pytest.raises(ExerciseError, match="scaled by b"):
         checks.check_velocity_from_eps(lambda x_t, eps, a, b, da, db: da * (x_t - eps) / a + db * eps)
+
+
+# --- the runner: parts with points, hidden inputs, grading ---------------------------------------
+
+from minilib.checks import runner  # noqa: E402
+from minilib.checks.runner import Case, Mistake, Part  # noqa: E402
+
+
+@runner.keeps_random_state
+def check_toy(fn):
+    """A check of ``fn(x) = 2 x`` in two visible parts (1 and 2 points) and a hidden one (3 points)."""
+    runner.run_check(fn, [Part("integers", [Case("x = 3", (3,)), Case("x = -2", (-2,))], points=1),
+                          Part("tensors", [Case("x = tensor (2, 3)", (torch.arange(6.0).reshape(2, 3),))], points=2),
+                          Part("the edge", [Case("x = 0", (0,)), Case("x = 1e6", (1e6,))], points=3, hidden=True)],
+                     lambda x: 2 * x, "twice x", mistakes=[Mistake(lambda x: x + 2, "double x, do not add 2.")])
+
+
+def test_parts_pass_together_and_hidden_parts_run_only_when_asked(capsys):
+    check_toy(lambda x: 2 * x)
+    assert capsys.readouterr().out == "✓ <lambda> agrees with twice x on all 3 test inputs.\n"
+    check_toy(lambda x: 2 * x, hidden=True)
+    assert capsys.readouterr().out == "✓ <lambda> agrees with twice x on all 5 test inputs (2 of them hidden).\n"
+
+
+def test_a_failing_part_raises_with_the_first_message_and_lists_the_parts():
+    def my_double(x):
+        return x + x if isinstance(x, torch.Tensor) else x + 2  # right on tensors, adds 2 on numbers
+
+    message = fails_with(check_toy, my_double, "my_double gives a wrong answer on input 1 of 3, x = 3",
+                         "hint: double x, do not add 2.", "parts:", "✗ integers: 0 points of 1 point (2 inputs)",
+                         "✓ tensors: 2 points of 2 points (1 inputs)")
+    assert "the edge" not in message  # a hidden part is not even named in the notebook
+
+
+def test_grade_gives_partial_credit_part_by_part_and_never_raises(capsys):
+    def my_double(x):
+        return x + x if isinstance(x, torch.Tensor) or x != 1e6 else 0  # wrong only on the hidden 1e6
+
+    report = checks.grade(check_toy, my_double)
+    assert capsys.readouterr().out == ""  # grading prints nothing
+    assert [(p.name, p.passed, p.points, p.hidden) for p in report.parts] == [
+        ("integers", True, 1, False), ("tensors", True, 2, False), ("the edge", False, 3, True)]
+    assert (report.score, report.max_score, report.fraction, report.passed) == (3, 6, 0.5, False)
+    assert "input 5 of 5, x = 1e6" in report.parts[2].message  # numbered over every input run
+    assert report.summary(hidden=False).count("✓") == 2 and "the edge" not in report.summary(hidden=False)
+    assert report.check == "check_toy" and report.function == "my_double"
+
+    visible = checks.grade(check_toy, my_double, hidden=False)
+    assert (visible.score, visible.max_score) == (3, 3)
+
+
+def test_grade_scores_not_implemented_a_value_and_a_broken_check_as_zero():
+    report = checks.grade(check_toy, not_implemented)
+    assert report.score == 0 and report.max_score == 6
+    assert all("not_implemented is not implemented yet" in p.message for p in report.parts)
+    report = checks.grade(check_toy, 3.0)
+    assert report.score == 0 and "pass your function itself" in report.parts[0].message
+
+    @runner.keeps_random_state
+    def check_broken(fn):
+        raise KeyError("a bug in the check")
+
+    report = checks.grade(check_broken, lambda x: x)
+    assert report.score == 0 and report.fraction == 0 and "KeyError" in report.error and report.summary() == report.error
+
+
+def test_parts_are_validated():
+    with pytest.raises(ValueError, match="no cases"):
+        Part("empty", [])
+    with pytest.raises(ValueError, match="points"):
+        Part("negative", [Case("x", (1,))], points=-1)
+    with pytest.raises(ValueError, match="different names"):
+        runner.run_check(lambda x: x, [Part("a", [Case("x", (1,))]), Part("a", [Case("y", (2,))])], lambda x: x, "id")
+
+
+@pytest.mark.parametrize("name", sorted(RIGHT))
+def test_every_check_grades_the_right_answer_full_marks_with_its_hidden_inputs(name):
+    report = checks.grade(getattr(checks, name), RIGHT[name])
+    assert report.passed and report.score == report.max_score > 0, report.summary()
+
+
+def test_each_chapter_module_holds_its_checks():
+    import importlib
+
+    owners = {}
+    for module in ("ch01", "ch02", "ch03", "ch04", "ch05", "ch05b", "ch06", "ch07", "ch08", "ch09", "ch10",
+                   "ch11", "ch12", "ch13"):
+        for check in importlib.import_module(f"minilib.checks.{module}").__all__:
+            owners[check] = module
+    assert set(owners) == set(RIGHT)
+    assert owners["check_patchify"] == "ch01" and owners["check_velocity_from_eps"] == "ch05b"

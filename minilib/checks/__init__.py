@@ -1,0 +1,54 @@
+"""Automatic checks for the book's assignments.
+
+Every chapter ends with an assignment: write one piece of a model yourself
+(``modulate``, the timestep embedding, one Euler step, ...) in the cell the
+chapter gives you, then run the cell below it, which calls a check from this
+package::
+
+    from minilib.checks import check_modulate
+    check_modulate(my_modulate)
+
+A check calls your function on several inputs, random ones and edge cases (a
+single token, an odd width, the last step, ...), and compares each answer with
+minilib's own implementation. If all agree it prints one line starting with
+``✓``. Otherwise it raises an :class:`ExerciseError` that says which input
+failed, the expected and the actual shape, the first entries that differ and,
+where it recognises a common mistake, what that mistake is. A function that
+still raises ``NotImplementedError`` is reported as "not implemented yet".
+
+The checks run on the CPU with small inputs, take well under a second, and
+leave the global random number generators untouched.
+
+The package has one module per chapter (``ch01`` .. ``ch13``, ``ch05b`` for the
+interlude) and the machinery they share in :mod:`minilib.checks.runner`: how a
+check compares and reports, hints for typical mistakes, named parts with
+points (partial credit), hidden inputs that only ``check(fn, hidden=True)``
+runs, and :func:`~minilib.checks.runner.grade`, which the autograder
+(``tools/autograder.py``) calls instead of letting the check print or raise.
+To add an assignment to a chapter, write its check in that chapter's module
+with :func:`~minilib.checks.runner.run_check` and export it here.
+"""
+
+from .ch01 import check_patchify, check_sincos_embedding
+from .ch02 import check_timestep_embedding
+from .ch03 import check_modulate
+from .ch04 import check_kl, check_reparameterise
+from .ch05 import check_ddim_step, check_q_sample
+from .ch05b import check_velocity_from_eps
+from .ch06 import check_euler_step, check_to_d
+from .ch07 import check_block_mixing
+from .ch08 import check_leave_one_out
+from .ch09 import check_nearest_code
+from .ch10 import check_block_causal_mask
+from .ch11 import check_mask_schedule
+from .ch12 import _reference_ddpm_step, _unmapped_step, check_ddpm_step
+from .ch13 import check_compare_state_dicts
+from .runner import ExerciseError, Part, Report, grade
+
+__all__ = [
+    "ExerciseError",
+    "check_patchify", "check_sincos_embedding", "check_timestep_embedding", "check_modulate",
+    "check_reparameterise", "check_kl", "check_q_sample", "check_ddim_step", "check_velocity_from_eps", "check_to_d",
+    "check_euler_step", "check_block_mixing", "check_leave_one_out", "check_nearest_code",
+    "check_block_causal_mask", "check_mask_schedule", "check_ddpm_step", "check_compare_state_dicts",
+]
