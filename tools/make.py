@@ -151,6 +151,8 @@ def cmd_book(budget: str, jobs: int, output: Path = ROOT, miniature: bool = Fals
     ensure_offline_assets()
     env = venv_env(MINILIB_BUDGET=budget)
     env.pop("MPLBACKEND", None)  # figures must use the notebook's inline backend
+    # Kernels running side by side share the cores; more threads than cores would only slow them down.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     build = output.resolve() / "_build"
     cache_name = budget
     if miniature:
@@ -194,8 +196,9 @@ def main() -> int:
     test.add_argument("--no-site", action="store_true", help="skip the site test (building and opening the website)")
     book = commands.add_parser("book", help="execute the notebooks and build _build/html")
     book.add_argument("--budget", choices=["ci", "cpu", "gpu"], default="cpu")
-    book.add_argument("--jobs", type=int, default=1,
-                      help="notebooks executed at the same time (each uses every core: 1 suits a laptop)")
+    book.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                      help="notebooks executed at the same time (default: 2 on a machine with 2 or more cores); "
+                           "each kernel gets cores / jobs threads")
     book.add_argument("--output", type=Path, default=ROOT,
                       help="build into OUTPUT/_build (default: the repository; the site test uses _build/test-site)")
     book.add_argument("--miniature", action="store_true",
