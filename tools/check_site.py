@@ -17,6 +17,10 @@ DOM after the page's scripts have run:
            visible inside them: a reader without a kernel still sees it;
 - offline: no script or stylesheet comes from a CDN, and no file was missing (404).
 
+``--student`` checks the student site (tools/student_site.py): no Colab
+button is expected, and no line of a solution may appear on any page or in
+any downloadable source (``solution_leaks``).
+
 It saves screenshots of the landing page and of the first chapter to
 ``<site>/../screenshots/`` (``_build/screenshots/`` for the default site),
 prints a table, and exits 1 if a check failed. ``--site`` checks another build
@@ -28,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import html
+import json
 import re
 import shutil
 import subprocess
@@ -151,6 +157,81 @@ def _has_id(page: Path, element_id: str) -> bool:
     return element_id in _ids(page)
 
 
+# ---------------------------------------------------------------------------
+# The student site: no solution code (tools/student_site.py)
+# ---------------------------------------------------------------------------
+
+BEGIN_SOLUTION, END_SOLUTION = "### BEGIN SOLUTION", "### END SOLUTION"  # as in tools/editions.py
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _notebook_cells(path: Path) -> list[dict]:
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    for cell in cells:
+        if isinstance(cell.get("source"), list):
+            cell["source"] = "".join(cell["source"])
+    return cells
+
+
+def solution_lines(notebook: Path) -> list[str]:
+    """The distinctive lines of a notebook's solutions, whitespace normalised.
+
+    A line inside a ``### BEGIN SOLUTION`` region is distinctive when it is at
+    least 8 characters long and appears nowhere else in the book's sources: not
+    in the notebook's other cells, not in a markdown page, not in minilib's
+    code (which the chapters print with ``show_source``). Only such a line on
+    the student site shows a solution."""
+    inside, lines, elsewhere = False, [], []
+    for cell in _notebook_cells(notebook):
+        for line in cell["source"].splitlines():
+            stripped = line.strip()
+            if stripped == BEGIN_SOLUTION:
+                inside = True
+            elif stripped == END_SOLUTION:
+                inside = False
+            elif inside:
+                lines.append(_normalise(line))
+            else:
+                elsewhere.append(_normalise(line))
+    shared = set(elsewhere)
+    for source in [*(ROOT / "minilib").rglob("*.py"), *(ROOT / "book").glob("*.md")]:
+        shared.update(_normalise(line) for line in source.read_text(encoding="utf-8").splitlines())
+    return sorted({line for line in lines if len(line) >= 8 and line not in shared})
+
+
+def _site_text(path: Path) -> str:
+    """What a reader can see of a built file: an html page without its tags, a notebook's sources and outputs."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".ipynb":
+        parts = []
+        for cell in json.loads(text).get("cells", []):
+            parts.append("".join(cell.get("source", "")))
+            for output in cell.get("outputs", []):
+                parts.append("".join(output.get("text", "")))
+                parts += ["".join(v) if isinstance(v, list) else str(v) for v in output.get("data", {}).values()]
+        return "\n".join(parts)
+    if path.suffix == ".html":
+        return html.unescape(re.sub(r"<[^>]+>", "", text))
+    return text
+
+
+def solution_leaks(site: Path, notebooks: list[Path]) -> list[str]:
+    """``"file: line"`` for every distinctive solution line (``solution_lines``) found in the built site's
+    html pages and downloadable sources (``.ipynb``, ``.md``, ``.txt``); an empty list for a clean site."""
+    wanted = {line: notebook.name for notebook in notebooks for line in solution_lines(notebook)}
+    wanted[BEGIN_SOLUTION] = "the solution markers"
+    leaks = []
+    for path in sorted(site.rglob("*")):
+        if path.suffix not in (".html", ".ipynb", ".md", ".txt") or not path.is_file():
+            continue
+        text = "\n".join(_normalise(line) for line in _site_text(path).splitlines())
+        leaks += [f"{path.relative_to(site)}: {line}  (from {name})" for line, name in wanted.items() if line in text]
+    return leaks
+
+
 def chromium(binary: str, *args: str) -> str:
     """Run headless Chromium with a fresh profile; return what it printed on stdout."""
     with tempfile.TemporaryDirectory() as profile:
@@ -161,8 +242,10 @@ def chromium(binary: str, *args: str) -> str:
     return result.stdout
 
 
-def check_page(doc: str, binary: str, colab_base: str, site: Path = SITE) -> dict[str, str]:
-    """Load one page and return ``{check: "ok" | "-" (not applicable) | "FAIL: why"}``."""
+def check_page(doc: str, binary: str, colab_base: str, site: Path = SITE, student: bool = False) -> dict[str, str]:
+    """Load one page and return ``{check: "ok" | "-" (not applicable) | "FAIL: why"}``.
+
+    ``student``: the student site, which has no Colab button (it would open the notebook with its solutions)."""
     built = site / f"{doc}.html"
     if not built.exists():
         return {name: "FAIL: not built" if name == "exists" else "-" for name in CHECKS}
@@ -198,7 +281,7 @@ def check_page(doc: str, binary: str, colab_base: str, site: Path = SITE) -> dic
         "figures": verdict(is_notebook, images and all(
             src.startswith("data:") or urljoin(f"/{doc}.html", src) in served for src in images),
             f"{len(images)} output images, or one did not load"),
-        "colab": verdict(is_notebook, any(a.get("href") == colab for a in dom.find("a")),
+        "colab": verdict(is_notebook and not student, any(a.get("href") == colab for a in dom.find("a")),
                          f"no link to {colab}"),
         "links": verdict(True, not broken, f"{len(broken)} broken: {broken[:3]}"),
         "widgets": verdict("application/vnd.jupyter.widget-view+json" in static,
@@ -220,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site", type=Path, default=SITE, help=f"the built html folder (default {SITE})")
     parser.add_argument("--only", default="", help="check only the pages whose name contains this text")
     parser.add_argument("--jobs", type=int, default=4, help="pages loaded at the same time")
+    parser.add_argument("--student", action="store_true",
+                        help="the student site (tools/student_site.py): no Colab button, and no solution code")
     args = parser.parse_args(argv)
     site = args.site.resolve()
     screenshots = SCREENSHOTS if site == SITE else site.parent / "screenshots"
@@ -235,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     colab_base = f"https://colab.research.google.com/github/{url.split('github.com/')[1]}/blob/{branch}"
     pages = [doc for doc in toc_pages() if args.only in doc]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = dict(zip(pages, pool.map(lambda doc: check_page(doc, binary, colab_base, site), pages)))
+        results = dict(zip(pages, pool.map(lambda doc: check_page(doc, binary, colab_base, site, args.student), pages)))
     chapter = next((d for d in toc_pages() if (ROOT / f"{d}.ipynb").exists()))
     server = Server(site)
     try:
@@ -250,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     for doc, checks in results.items():
         print(f"{doc:<{width}}  " + "  ".join(f"{v[:4]:<7}" for v in checks.values()))
         failures += [f"{doc}: {name}: {v[6:]}" for name, v in checks.items() if v.startswith("FAIL")]
+    if args.student:
+        notebooks = [ROOT / f"{doc}.ipynb" for doc in toc_pages() if (ROOT / f"{doc}.ipynb").exists()]
+        failures += [f"solution code on the student site: {leak}" for leak in solution_leaks(site, notebooks)]
     print("\n".join(["", *failures]) if failures else f"\nall checks passed on {len(pages)} pages")
     print(f"screenshots: {screenshots}/landing.png, chapter.png ({chapter})")
     return 1 if failures else 0

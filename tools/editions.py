@@ -120,6 +120,40 @@ def assignments(nb) -> list[tuple[int, int]]:
     return pairs
 
 
+def assignment_checks(nb) -> list[tuple[int, list[int]]]:
+    """``(solution cell index, [check cell indices])`` of every assignment: the code cells right after a
+    solution cell that call a check (chapter 4, say, checks ``my_sample`` and then ``my_kl``, one per cell)."""
+    found = []
+    for solution, first in assignments(nb):
+        checks = [first]
+        for index in range(first + 1, len(nb.cells)):
+            cell = nb.cells[index]
+            if cell.cell_type != "code":
+                continue
+            if is_solution_cell(cell) or not CHECK_CALL.search(cell.source):
+                break
+            checks.append(index)
+        found.append((solution, checks))
+    return found
+
+
+def student_page(nb, name: str = "notebook"):
+    """An executed notebook as the student website shows it: each solution region replaced by the stub and
+    the outputs of the solution cell and of its check cells removed; every other output kept.
+
+    The student site is built from the executed instructor notebooks (see tools/student_site.py), so the
+    student edition never has to run (its checks would fail)."""
+    check_assignments(nb, name)
+    nb = nbformat.from_dict(copy.deepcopy(nb))
+    for solution, checks in assignment_checks(nb):
+        cell = nb.cells[solution]
+        cell.source = clear_solution(cell.source, f"{name}, cell {solution}")
+        cell.metadata["tags"] = [tag for tag in _tags(cell) if tag != "hide-input"]
+        for index in [solution, *checks]:
+            nb.cells[index].outputs, nb.cells[index].execution_count = [], None
+    return nb
+
+
 def edition(nb, kind: str, name: str = "notebook"):
     """A copy of notebook ``nb`` as the ``"student"`` or the ``"instructor"`` edition."""
     if kind not in ("student", "instructor"):

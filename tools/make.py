@@ -4,6 +4,8 @@
     python3 tools/make.py book [--budget B]    # execute notebooks, build _build/html
     python3 tools/make.py check-site           # open the built site in headless Chromium
     python3 tools/make.py editions             # student and instructor notebooks in _build/editions
+    python3 tools/make.py book --edition student   # the website without solutions, in _build/student/_build/html
+    python3 tools/make.py autograder [NOTEBOOK ...] # Gradescope autograder zips in _build/autograder
 
 ``test``, ``book`` and ``editions`` first create (or reuse) the virtual environment
 ``.venv`` with the pinned ``requirements.txt`` and ``minilib`` installed in
@@ -141,8 +143,12 @@ def cmd_test(pytest_args: list[str], site: bool) -> int:
     return run([VENV_PYTHON, "-m", "pytest", "-v", ROOT / "tests" / "test_site.py"], env=env)
 
 
-def cmd_book(budget: str, jobs: int, output: Path = ROOT, miniature: bool = False, timeout: int = 0) -> int:
+def cmd_book(budget: str, jobs: int, output: Path = ROOT, miniature: bool = False, timeout: int = 0,
+             edition: str = "instructor") -> int:
     """Execute the notebooks whose code changed, then build ``<output>/_build/html``.
+
+    ``edition="student"``: build the site without solutions from the executed notebooks
+    (tools/student_site.py), into ``_build/student/_build/html`` unless ``output`` is given.
 
     ``miniature``: run the budget's configuration with capped step counts (``MINILIB_MINIATURE=1``, see
     minilib/budget.py) on tiny stand-ins of the real datasets written into the build folder, offline.
@@ -168,6 +174,10 @@ def cmd_book(budget: str, jobs: int, output: Path = ROOT, miniature: bool = Fals
                 "--timeout", timeout, "--timings", build / f"timings-{cache_name}.json"], env=env)
     if code != 0:
         return code
+    if edition == "student":
+        step("building the student edition of the site from the executed notebooks (tools/student_site.py)")
+        target = ROOT / "_build" / "student" if output == ROOT else output
+        return run([VENV_PYTHON, ROOT / "tools" / "student_site.py", "--cache", cache, "--output", target], env=env)
     step("building the book")
     # -W -n: warnings and broken references fail the build; --keep-going lists them all.
     code = run([VENV_BIN / "jupyter-book", "build", ".", "--path-output", output.resolve(), "-W", "-n",
@@ -177,8 +187,17 @@ def cmd_book(budget: str, jobs: int, output: Path = ROOT, miniature: bool = Fals
     return code
 
 
-def cmd_check_site() -> int:
+def cmd_check_site(edition: str = "instructor") -> int:
+    if edition == "student":
+        return run([sys.executable, ROOT / "tools" / "check_site.py", "--student",
+                    "--site", ROOT / "_build" / "student" / "_build" / "html"])
     return run([sys.executable, ROOT / "tools" / "check_site.py"])
+
+
+def cmd_autograder(arguments: list[str]) -> int:
+    ensure_venv()
+    step("building Gradescope autograder packages from the notebooks' assignments (see tools/autograder.py)")
+    return run([VENV_PYTHON, ROOT / "tools" / "autograder.py", "build", *arguments])
 
 
 def cmd_editions() -> int:
@@ -205,22 +224,32 @@ def main() -> int:
                       help="run the budget's configuration with every step count capped at 2, on tiny offline "
                            "stand-ins of the real datasets (the site test does this with --budget gpu)")
     book.add_argument("--timeout", type=int, default=0, help="seconds one cell may run (default 0: no limit)")
-    commands.add_parser("check-site", help="check _build/html in headless Chromium")
+    book.add_argument("--edition", choices=["instructor", "student"], default="instructor",
+                      help="student: the site without solutions, from the executed notebooks, in "
+                           "_build/student/_build/html (default: instructor, the book as it is)")
+    site = commands.add_parser("check-site", help="check _build/html in headless Chromium")
+    site.add_argument("--edition", choices=["instructor", "student"], default="instructor",
+                      help="student: check _build/student/_build/html, and that it shows no solution code")
+    commands.add_parser("autograder", add_help=False,
+                        help="build Gradescope autograder zips in _build/autograder (arguments: "
+                             "tools/autograder.py build --help)")
     commands.add_parser("editions", help="write the student and instructor editions of the notebooks "
                                          "to _build/editions")
     args, extra = parser.parse_known_args()
-    if extra and args.command != "test":
+    if extra and args.command not in ("test", "autograder"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     start = time.monotonic()
     if args.command == "test":
         code = cmd_test(extra, site=not args.no_site)
     elif args.command == "book":
-        code = cmd_book(args.budget, args.jobs, args.output, args.miniature, args.timeout)
+        code = cmd_book(args.budget, args.jobs, args.output, args.miniature, args.timeout, args.edition)
     elif args.command == "editions":
         code = cmd_editions()
+    elif args.command == "autograder":
+        code = cmd_autograder(extra)
     else:
-        code = cmd_check_site()
+        code = cmd_check_site(args.edition)
     minutes, seconds = divmod(round(time.monotonic() - start), 60)
     step(f"{args.command} {'passed' if code == 0 else 'FAILED'} in {minutes} min {seconds} s")
     return code
