@@ -203,6 +203,22 @@ register(ZooEntry(
     MAR_PAPER, "Chapter 11: small MAR on 8x8 digits, pixels as tokens (16 tokens of 2x2 pixels)"))
 
 
+# Part V: FLUX.1 (black-forest-labs/flux, src/flux/util.py: configs["flux-dev"], configs["flux-schnell"]; the two
+# differ only in guidance_embed). 11,901,408,320 and 11,891,178,560 parameters: half the bytes of the bf16
+# transformer weights listed by their safetensors indexes (sources in tests/test_flux.py).
+FLUX_CODE = "https://github.com/black-forest-labs/flux"
+for _name, _guidance, _what in [
+        ("flux.1-dev", True, "FLUX.1 [dev] (11.9B): 19 double-stream + 38 single-stream blocks of width 3072, "
+                             "2-D RoPE, guidance-distilled (guidance_in)"),
+        ("flux.1-schnell", False, "FLUX.1 [schnell] (11.9B): the same tree without guidance_in")]:
+    register(ZooEntry(
+        _name, "minilib.flux:Flux",
+        dict(in_channels=64, out_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0,
+             num_heads=24, depth=19, depth_single_blocks=38, axes_dim=(16, 56, 56), theta=10000.0, qkv_bias=True,
+             guidance_embed=_guidance),
+        FLUX_CODE, _what))
+
+
 def names() -> list[str]:
     """All registered names, sorted."""
     return sorted(ENTRIES)
