@@ -185,3 +185,21 @@ def test_every_check_has_a_cell_of_its_own():
         for index, cell in enumerate(nbformat.read(path, as_version=4).cells):
             calls = [line for line in cell.source.splitlines() if line.startswith("check_")]
             assert cell.cell_type != "code" or len(calls) <= 1, f"{path.name}, cell {index}: {calls}"
+
+
+def test_assignment_checks_lists_every_check_cell_after_a_solution():
+    cells = EXAMPLE + [("code", "check_half(my_half)", ()), ("code", "print('more')", ()),
+                       ("code", "check_double(my_double)", ())]
+    assert editions.assignment_checks(notebook(*cells)) == [(3, [4, 5])]
+
+
+def test_a_student_page_drops_the_solution_and_its_check_outputs_and_keeps_every_other_output():
+    executed = notebook(*EXAMPLE, ("code", "check_half(my_half)", ()), ("code", "plot(my_double)", ()))
+    page = editions.student_page(executed, "01_chapter")
+    assert "raise NotImplementedError()" in page.cells[3].source and "x + x" not in page.cells[3].source
+    assert page.cells[3].metadata["tags"] == ["solution"]
+    for index in (3, 4, 5):  # the solution cell and both of its check cells
+        assert page.cells[index].outputs == [] and page.cells[index].execution_count is None
+    for index in (1, 6):  # the setup cell and a later cell keep what they showed
+        assert page.cells[index].outputs[0].text == "old output\n" and page.cells[index].execution_count == 3
+    assert executed.cells[3].outputs  # the executed notebook itself is left alone
