@@ -332,3 +332,10 @@ def test_the_zoo_builds_the_full_flux1_tree_with_the_official_keys_and_count(nam
 def test_the_official_configurations_differ_only_in_guidance():
     assert {k for k in FLUX1_DEV if FLUX1_DEV[k] != FLUX1_SCHNELL[k]} == {"guidance_embed"}
     assert FLUX1_DEV["hidden_size"] // FLUX1_DEV["num_heads"] == sum(FLUX1_DEV["axes_dim"]) == 128
+
+
+def test_a_flux_forward_never_waits_for_the_device():
+    """On PyTorch's meta device any read-back (.item(), bool(tensor)) raises: the forward has none."""
+    model = Flux(**TINY).to("meta")
+    out = model(**{name: value.to("meta") for name, value in tiny_inputs().items()})
+    assert out.device.type == "meta" and out.shape == (2, 12, 8)

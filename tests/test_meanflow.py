@@ -215,3 +215,11 @@ def test_a_dit_backbone_works_too():
     loss.backward()
     assert loss > 0 and model.backbone.final_layer.linear.weight.grad.abs().sum() > 0
     assert sample_one_step(model, torch.randn(4, 2, 8, 8), {"y": y}).shape == (4, 2, 8, 8)
+
+
+def test_few_step_sampling_never_waits_for_the_device():
+    """On PyTorch's meta device any read-back (.item(), bool(tensor)) raises: the loop has none."""
+    model = small_denoiser(dtype=torch.float32).to("meta")
+    noise, y = torch.randn(2, 1, 8, 8, device="meta"), torch.tensor([0, 1], device="meta")
+    out = sample_few_steps(model, noise, steps=3, model_kwargs={"y": y})
+    assert out.device.type == "meta" and out.shape == (2, 1, 8, 8)
