@@ -25,8 +25,8 @@ where ``d/dt`` is the total derivative along the path, ``dz_t/dt = v``:
     d/dt u = v . grad_z u + du/dt  (partial)  =  the Jacobian-vector product of
              u(z, r, t) with the tangent (dz, dr, dt) = (v, 0, 1),
 
-one forward-mode pass (``torch.func.jvp``) at about the cost of a forward and a
-backward pass. The training target is the right-hand side with the
+one forward-mode pass (``torch.func.jvp``) that returns ``u`` and ``d/dt u``
+together. The training target is the right-hand side with the
 network's own ``d/dt u`` and the conditional velocity ``v = noise - x0``,
 with a stop-gradient (:func:`meanflow_target`, :func:`meanflow_loss`). With
 ``r = t`` the target is just ``v``: flow matching is the special case, and the
@@ -83,8 +83,8 @@ def sample_two_times(batch_size: int, device: torch.device | str | None = None, 
     As the official code's ``sample_tr``: two independent logit-normal times
     ``sigmoid(N(mean, std^2))``, the larger is t and the smaller r; then the
     first ``int(batch_size * (1 - fraction_r_neq_t))`` samples get ``r = t``
-    (plain flow matching for them). The paper's ablation (Table 1a) finds 25 %
-    of ``r != t`` best, and mean -0.4, std 1 (Table 1d).
+    (plain flow matching for them). These are the defaults of the official
+    code and the paper's ablated choices (its Table 1).
     """
     t = logit_normal(batch_size, device=device, mean=mean, std=std).to(dtype)
     r = logit_normal(batch_size, device=device, mean=mean, std=std).to(dtype)
@@ -144,11 +144,12 @@ def meanflow_loss(model: Callable, x0: torch.Tensor, model_kwargs: dict | None =
        ``z_t = (1 - t) x0 + t e`` and ``v = e - x0`` (as in :func:`minilib.flow.flow_matching_loss`);
     2. ``u`` and the target ``sg(v - (t - r) d/dt u)`` (:func:`meanflow_target`);
     3. per sample, the squared error summed over all its elements,
-       ``d = ||u - target||^2``, and the *adaptive weight* of the paper
-       (section 4.3), ``w = sg(1 / (d + eps)^p)``: ``p = 0`` is the plain squared
-       error, ``p = 1/2`` behaves like the Pseudo-Huber loss, and ``p = 1``
-       (the default, the paper's best in Table 1e and the official code's)
-       like a log of the error, so that a few large errors cannot dominate;
+       ``d = ||u - target||^2``, and the paper's adaptive loss weight
+       ``w = sg(1 / (d + eps)^p)``. Since ``w`` is a constant for the gradient,
+       ``w d`` has the gradient of ``d`` for ``p = 0`` (the plain squared error),
+       of ``2 sqrt(d + eps)`` for ``p = 1/2`` (the Pseudo-Huber loss) and of
+       ``log(d + eps)`` for ``p = 1`` (the default, the official ``norm_p``):
+       the larger p, the less a few large errors dominate;
     4. the mean of ``w d`` over the batch.
 
     Args:
@@ -196,8 +197,8 @@ class MeanFlowDenoiser(nn.Module):
     (chapter 2) of its own, and ``s = time_scale``. Everything else is the
     backbone's, unchanged. The official model embeds ``(t, t - r)`` this way
     (``models_dit.py``: ``t_embedder``, ``h_embedder``, ``c = t + h + y``, with
-    times fed unscaled); the paper's Table 1c finds ``(t, t - r)`` and ``(t, r)``
-    about equally good. With ``h = t - r`` the network sees ``h = 0`` exactly when
+    times fed unscaled); the paper also compares other pairs, such as ``(t, r)``,
+    in its ablations (Table 1). With ``h = t - r`` the network sees ``h = 0`` exactly when
     it is asked for the instantaneous velocity.
 
     ``forward(z, r, t, y)``: ``z (B, C, H, W)``, ``r, t (B,)`` with
