@@ -45,6 +45,8 @@ def test_solution_leaks_finds_solution_code_in_pages_and_sources(tmp_path):
     (tmp_path / "notebooks" / "leaky.html").unlink()
     source = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("### BEGIN SOLUTION\nx = 1\n### END SOLUTION")])
     nbformat.write(source, tmp_path / "notebooks" / "page.ipynb")
+    (tmp_path / "book").mkdir()  # a page that explains the markers is no leak
+    (tmp_path / "book" / "instructors.html").write_text("<p>between <code>### BEGIN SOLUTION</code> and</p>")
     assert check_site.solution_leaks(tmp_path, [CHAPTER_1]) == [
         "notebooks/page.ipynb: ### BEGIN SOLUTION  (from the solution markers)"]
 

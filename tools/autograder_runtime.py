@@ -22,7 +22,7 @@ tests: the visible inputs (visible at once) and, if the check has any, the
 hidden inputs (shown after the grades are published). ``results.json`` follows
 Gradescope's format: ``tests`` with ``name``, ``number``, ``score``,
 ``max_score``, ``status``, ``output`` and ``visibility``, and an ``output``
-for the whole submission with the seconds and memory each notebook took.
+for the whole submission with the CPU seconds and memory each notebook took.
 
 An assignment that raises, runs past its time limit or kills its process
 scores 0 with the reason; nothing a submission does can stop the other
@@ -87,8 +87,8 @@ def find_solution_cell(cells: list[dict], assignment: dict) -> str | None:
 
 
 def run_child(python: str, jobs: list[dict], timeout: float) -> tuple[dict, float, float, str]:
-    """Run the assignments ``jobs`` in one child process; return its results by key, its seconds, its peak
-    memory in MiB and what went wrong with the process itself (or "")."""
+    """Run the assignments ``jobs`` in one child process; return its results by key, its CPU seconds, its
+    peak memory in MiB and what went wrong with the process itself (or "")."""
     with tempfile.TemporaryDirectory() as folder:
         request, answer, log = Path(folder) / "request.json", Path(folder) / "answer.json", Path(folder) / "log"
         request.write_text(json.dumps(jobs), encoding="utf-8")
@@ -112,7 +112,7 @@ def run_child(python: str, jobs: list[dict], timeout: float) -> tuple[dict, floa
                 problem = (f"the grading process stopped (exit code {process.returncode}), perhaps out of memory:"
                            f"\n{output.read()[-1500:]}")
         results = json.loads(answer.read_text(encoding="utf-8")) if answer.exists() else {}
-    return results, time.monotonic() - start, usage.ru_maxrss / 1024, problem
+    return results, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, problem
 
 
 def split_points(check: dict, parts: list[dict] | None) -> dict[bool, tuple[float, float]]:
@@ -161,7 +161,7 @@ def grade_submission(config: dict, submission: Path, python: str) -> dict:
         results, seconds, peak, problem = ({}, 0.0, 0.0, "")
         if jobs:
             results, seconds, peak, problem = run_child(python, jobs, config["timeout_per_notebook"])
-            summary.append(f"{notebook['name']}: {len(jobs)} assignments graded in {seconds:.1f} s, "
+            summary.append(f"{notebook['name']}: {len(jobs)} assignments graded in {seconds:.1f} s of CPU time, "
                            f"peak memory {peak:.0f} MiB")
         for assignment in notebook["assignments"]:
             key = f"{notebook['name']}#{assignment['number']}"
