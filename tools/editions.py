@@ -26,6 +26,12 @@ editions have their outputs cleared. In the instructor edition every solution
 cell and check cell also carries nbgrader's cell metadata, so a course that
 grades with nbgrader can use it as its source notebook as it is.
 
+The same assignments make the student website (``make.py book --edition
+student``, tools/student_site.py: ``student_page`` turns each executed
+notebook into its page without solutions) and the Gradescope autograder
+(``make.py autograder``, tools/autograder.py, which grades each solution cell
+with the checks its assignment calls, ``assignment_checks``).
+
 Why not nbgrader or otter-grader itself: the markers are nbgrader's, but
 nbgrader the package is a course-management system (a database, a
 JupyterLab extension, a server) that adds about 40 packages, JupyterLab and
