@@ -132,10 +132,15 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"budget {args.budget}; {describe_machine()}\n")
-    rows = []
+    rows, failed = [], []
     for path in select_notebooks(args.only):
         print(f"  running {path.name} ...", file=sys.stderr, flush=True)
-        rows.append(run_notebook(path, args.budget, args.timeout, args.executed))
+        try:
+            rows.append(run_notebook(path, args.budget, args.timeout, args.executed))
+        except Exception as error:  # report it and go on with the next notebook
+            failed.append(path.name)
+            print(f"  FAILED {path.name}: {type(error).__name__}: {str(error)[-2000:]}", file=sys.stderr, flush=True)
+            continue
         print(f"  {rows[-1]['seconds']:.0f} s wall, {rows[-1]['cpu_seconds']} s CPU", file=sys.stderr, flush=True)
 
     print("| notebook | budget | wall time | CPU time | peak memory (kernel RSS) | load before / after |")
@@ -148,7 +153,9 @@ def main() -> None:
     print(f"\ntotal {sum(row['seconds'] for row in rows) / 60:.1f} min. Load: the 1-minute load average "
           "before and after each notebook (the number of busy cores).")
     if args.json:
-        args.json.write_text(json.dumps(dict(machine=describe_machine(), rows=rows), indent=1) + "\n")
+        args.json.write_text(json.dumps(dict(machine=describe_machine(), rows=rows, failed=failed), indent=1) + "\n")
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
