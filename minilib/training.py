@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .budget import miniature
 from .validation import check_number
 
 # ---------------------------------------------------------------------------
@@ -213,8 +212,7 @@ def train(model: nn.Module, loss_fn: Callable, batches: Iterable, steps: int, lr
         progress: show a tqdm progress bar.
         warmup_steps, schedule: learning-rate schedule, see :func:`learning_rate_at`.
         seed: if given, seeds torch first, so a CPU run is exactly repeatable.
-        mixed_precision: use bf16 autocast when on CUDA (and on the CPU in a miniature
-            run, see :mod:`minilib.budget`).
+        mixed_precision: use bf16 autocast when on CUDA.
 
     Returns:
         a :class:`History`: the list of per-step losses, with ``.ema`` (the EMA or
@@ -243,8 +241,7 @@ def train(model: nn.Module, loss_fn: Callable, batches: Iterable, steps: int, lr
     # The fused kernel updates every tensor in one pass (the default loops over them in Python).
     optimizer = torch.optim.AdamW(parameters, lr=lr, betas=betas, weight_decay=weight_decay,
                                   fused=device.type in ("cpu", "cuda"))
-    # A miniature run (see minilib.budget) autocasts on the CPU too, to execute the GPU's code path.
-    use_bf16 = mixed_precision and (device.type == "cuda" or (device.type == "cpu" and miniature()))
+    use_bf16 = mixed_precision and device.type == "cuda"
 
     history = History()
     history.ema = ema

@@ -94,21 +94,3 @@ def test_a_budget_that_does_not_suit_the_device_is_named(monkeypatch):
     assert budget_mismatch("cpu", torch.device("cpu")) is None
     assert budget_mismatch("gpu", torch.device("cuda")) is None
     assert budget_mismatch("ci", torch.device("cpu")) is None
-
-
-def test_training_autocasts_on_the_cpu_only_in_a_miniature_run(monkeypatch):
-    from minilib.budget import MINIATURE_ENV
-    from minilib.training import train
-    seen = []
-
-    def loss_fn(model, batch):
-        out = model(batch[0])
-        seen.append(out.dtype)
-        return out.float().pow(2).mean()
-
-    batches = iter([(torch.randn(4, 3),)] * 4)
-    monkeypatch.setenv(MINIATURE_ENV, "1")
-    train(torch.nn.Linear(3, 2), loss_fn, batches, steps=1, progress=False)
-    monkeypatch.setenv(MINIATURE_ENV, "0")
-    train(torch.nn.Linear(3, 2), loss_fn, batches, steps=1, progress=False)
-    assert seen == [torch.bfloat16, torch.float32]

@@ -7,7 +7,7 @@ executed two at a time into the build's cache, then ``jupyter-book build -W
 -n``, so any warning fails) and runs tools/check_site.py on every page of
 ``_toc.yml``. The notebooks run their ``gpu`` configuration (model sizes, batch
 sizes, the real-dataset loaders on tiny stand-in files in the real formats,
-latent caching, bf16 autocast) with every step count capped at 2, so every code
+latent caching) with every step count capped at 2, so every code
 path of the ``gpu`` budget is executed on every CI run; the main test run has
 already executed every notebook at the ``ci`` budget under nbval. The screenshots of the landing page and of a chapter are saved in
 ``_build/test-site/_build/screenshots/``. In a plain ``pytest`` run the site
