@@ -16,12 +16,15 @@ from minilib.adaln import modulate
 from minilib.autoencoder import DiagonalGaussian
 from minilib.checks import ExerciseError
 from minilib.fewshot import leave_one_out
-from minilib.flow import sample_euler, to_d
+from minilib.flow import append_dims, sample_euler, to_d
+from minilib.flux import apply_rope
 from minilib.mar import mask_schedule
+from minilib.meanflow import meanflow_target
 from minilib.parameterisation import velocity_from_eps
 from minilib.mmdit import attention, block_mixing
 from minilib.patch_embed import get_1d_sincos_pos_embed, patchify
 from minilib.quantize import nearest_code
+from minilib.repa import alignment_loss
 from minilib.timestep import timestep_embedding
 from minilib.training import compare_state_dicts
 from minilib.var import block_causal_mask
@@ -61,6 +64,9 @@ RIGHT = {
     "check_mask_schedule": mask_schedule,
     "check_ddpm_step": checks._reference_ddpm_step,
     "check_compare_state_dicts": compare_state_dicts,
+    "check_meanflow_target": lambda model, z, r, t, v: meanflow_target(model, z, r, t, v),
+    "check_alignment_loss": alignment_loss,
+    "check_apply_rope": apply_rope,
 }
 
 
@@ -380,6 +386,59 @@ def test_velocity_mistakes_get_their_hints():
         checks.check_velocity_from_eps(lambda x_t, eps, a, b, da, db: da * (x_t - eps) / a + db * eps)
 
 
+
+# --- chapters 14 to 16 ------------------------------------------------------
+
+
+def test_meanflow_target_by_hand_passes_and_wrong_tangents_get_their_hints():
+    from torch.func import jvp
+
+    def my_target(model, z, r, t, v, tangent_r=0.0, tangent_t=1.0, sign=-1.0):
+        u, du_dt = jvp(model, (z, r, t), (v, torch.full_like(r, tangent_r), torch.full_like(t, tangent_t)))
+        return u, (v + sign * append_dims(t - r, z.ndim) * du_dt).detach()
+
+    checks.check_meanflow_target(my_target)
+    fails_with(checks.check_meanflow_target, lambda *a: my_target(*a, tangent_r=1.0), "r stays fixed", "input 1 of 4")
+    fails_with(checks.check_meanflow_target, lambda *a: my_target(*a, tangent_t=0.0), "t moves along the path")
+    fails_with(checks.check_meanflow_target, lambda *a: my_target(*a, sign=1.0), "subtract the derivative term")
+
+    def partial_only(model, z, r, t, v):  # only the partial derivative in t: z held still
+        u, du_dt = jvp(model, (z, r, t), (torch.zeros_like(z), torch.zeros_like(r), torch.ones_like(t)))
+        return u, v - append_dims(t - r, z.ndim) * du_dt
+
+    fails_with(checks.check_meanflow_target, partial_only, "z moves along the path too")
+
+
+def test_alignment_loss_mistakes():
+    import torch.nn.functional as F
+
+    fails_with(checks.check_alignment_loss, lambda p, t: F.cosine_similarity(p, t, dim=-1).mean(), "MINUS the cosine")
+    fails_with(checks.check_alignment_loss, lambda p, t: -(p * t).sum(-1).mean(), "normalise both vectors")
+    fails_with(checks.check_alignment_loss, lambda p, t: -F.cosine_similarity(p.flatten(1), t.flatten(1)).mean(),
+               "patch by patch")
+    fails_with(checks.check_alignment_loss, lambda p, t: -F.cosine_similarity(p, t, dim=-1).sum(-1).mean(),
+               "a mean, not a sum")
+
+
+def test_apply_rope_by_complex_numbers_passes_and_the_other_layout_is_explained():
+    def as_complex(x, angles):
+        B, H, L, d = x.shape
+        pairs = torch.view_as_complex(x.reshape(B, H, L, d // 2, 2).contiguous())
+        turned = pairs * torch.polar(torch.ones_like(angles), angles)[:, None]
+        return torch.view_as_real(turned).reshape(B, H, L, d)
+
+    checks.check_apply_rope(as_complex)
+    fails_with(checks.check_apply_rope, lambda x, a: as_complex(x, -a), "counter-clockwise")
+
+    def halves(x, angles):
+        first, second = x.chunk(2, dim=-1)
+        cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+        return torch.cat((cos * first - sin * second, sin * first + cos * second), dim=-1)
+
+    fails_with(checks.check_apply_rope, halves, "NEIGHBOURING channels")
+    fails_with(checks.check_apply_rope, lambda x, a: apply_rope(x, a[0]), "raised ValueError", "a head axis")
+
+
 # --- the runner: parts with points, hidden inputs, grading ---------------------------------------
 
 from minilib.checks import runner  # noqa: E402
@@ -464,7 +523,7 @@ def test_each_chapter_module_holds_its_checks():
 
     owners = {}
     for module in ("ch01", "ch02", "ch03", "ch04", "ch05", "ch05b", "ch06", "ch07", "ch08", "ch09", "ch10",
-                   "ch11", "ch12", "ch13"):
+                   "ch11", "ch12", "ch13", "ch14", "ch15", "ch16"):
         for check in importlib.import_module(f"minilib.checks.{module}").__all__:
             owners[check] = module
     assert set(owners) == set(RIGHT)

@@ -19,7 +19,7 @@ still raises ``NotImplementedError`` is reported as "not implemented yet".
 The checks run on the CPU with small inputs, take well under a second, and
 leave the global random number generators untouched.
 
-The package has one module per chapter (``ch01`` .. ``ch13``, ``ch05b`` for the
+The package has one module per chapter (``ch01`` .. ``ch16``, ``ch05b`` for the
 interlude) and the machinery they share in :mod:`minilib.checks.runner`: how a
 check compares and reports, hints for typical mistakes, named parts with
 points (partial credit), hidden inputs that only ``check(fn, hidden=True)``
@@ -43,6 +43,9 @@ from .ch10 import check_block_causal_mask
 from .ch11 import check_mask_schedule
 from .ch12 import _reference_ddpm_step, _unmapped_step, check_ddpm_step
 from .ch13 import check_compare_state_dicts
+from .ch14 import check_meanflow_target
+from .ch15 import check_alignment_loss
+from .ch16 import check_apply_rope
 from .runner import ExerciseError, Part, Report, grade
 
 __all__ = [
@@ -51,4 +54,5 @@ __all__ = [
     "check_reparameterise", "check_kl", "check_q_sample", "check_ddim_step", "check_velocity_from_eps", "check_to_d",
     "check_euler_step", "check_block_mixing", "check_leave_one_out", "check_nearest_code",
     "check_block_causal_mask", "check_mask_schedule", "check_ddpm_step", "check_compare_state_dicts",
+    "check_meanflow_target", "check_alignment_loss", "check_apply_rope",
 ]
