@@ -12,9 +12,10 @@ it can do is the average velocity through ``x_t``, ``E[noise - x0 | x_t]``:
 a velocity *field* whose ODE ``dx/dt = v(x, t)`` carries the noise
 distribution at ``t = 1`` onto the data distribution at ``t = 0``.
 
-Sampling integrates that ODE backwards, from ``t = 1`` to ``t = 0``. SD3 reuses
-the samplers of Karras et al. (2022), "Elucidating the Design Space of
-Diffusion-Based Generative Models" (k-diffusion), which speak of a *denoiser*
+Sampling integrates that ODE backwards, from ``t = 1`` to ``t = 0``. SD3's
+reference code copies the samplers of k-diffusion (Crowson's implementation of
+Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative
+Models"), which speak of a *denoiser*
 ``D(x, sigma)`` (the predicted clean image) rather than a velocity. For a flow
 the noise level ``sigma`` is simply ``t``, and the two views are related by
 
@@ -27,7 +28,8 @@ image's large-scale structure is decided, and samples with classifier-free
 guidance (:class:`CFGDenoiser`). The SD3.5 reference code samples SD3 Medium,
 SD3.5 Medium and SD3.5 Large with DPM-Solver++(2M) (:func:`sample_dpmpp_2m`),
 on the same grid as Euler, and SD3.5 Medium optionally with skip-layer
-guidance (:class:`SkipLayerCFGDenoiser`).
+guidance (:class:`SkipLayerCFGDenoiser`); it uses Euler (:func:`sample_euler`)
+for SD3.5 Large Turbo and the ControlNets, and diffusers samples SD3 with Euler.
 
 A seeded SD3 run starts from ``torch.randn(shape)`` drawn on the CPU right
 after ``torch.manual_seed(seed)``; ``torch.randn(shape,
@@ -49,6 +51,7 @@ from torch import nn
 from .validation import POSITIVE, POSITIVE_INT, check_arguments
 
 NUM_TIMESTEPS = 1000   # SD3's inference code tabulates sigma(timestep / 1000) at 1000 timesteps
+                       # (training draws a continuous t; the table is only the sampler's)
 
 
 # ---------------------------------------------------------------------------
@@ -90,8 +93,11 @@ def logit_normal(batch_size: int, device: torch.device | str | None = None,
 
     With ``mean = 0, std = 1`` the density ``p(t) = N(logit t) / (t (1 - t))``
     peaks at ``t = 1/2`` and vanishes at both ends, so training spends its
-    steps on middle noise levels, where predicting the velocity is hardest
-    (Esser et al. 2024, section 3.1). Shape ``(batch_size,)``, values in ``(0, 1)``.
+    steps on middle noise levels, where the optimal velocity is hardest to
+    predict (Esser et al. 2024, section 3.1); near both ends it is close to an
+    affine function of ``x_t``. Shifting the samples with :func:`time_snr_shift`
+    gives the logit-normal with ``mean + log(shift)``: the shift adds
+    ``log(shift)`` to ``logit t``. Shape ``(batch_size,)``, values in ``(0, 1)``.
     """
     if std <= 0:
         raise ValueError(f"std must be positive, got {std}")
@@ -142,7 +148,8 @@ def time_snr_shift(shift: float, t):
     ``shift > 1`` spends more of the sampling grid at high noise to make up for
     it: 0 and 1 stay put, the map is increasing, and ``shift = 1`` is the
     identity. In signal-to-noise terms, the SNR ``((1 - t) / t)^2`` is divided by
-    ``shift^2`` (Esser et al. 2024, section 5.3.2). SD3's reference code samples
+    ``shift^2`` (Esser et al. 2024, section 5.3.2); in logit terms,
+    ``logit sigma = logit t + log(shift)``. SD3's reference code samples
     SD3.5 with ``shift = 3`` and SD3 medium with ``shift = 1``.
 
     Args:
@@ -162,8 +169,10 @@ def time_snr_shift(shift: float, t):
 def sigmas(num_steps: int, shift: float = 3.0) -> torch.Tensor:
     """The noise levels of a sampling run, built as SD3's ``get_sigmas`` does.
 
-    SD3 tabulates ``sigma(timestep) = time_snr_shift(shift, timestep / 1000)``
-    for the training timesteps 1..1000, and reads ``sigma_max`` (= 1) and
+    SD3's inference code (``ModelSamplingDiscreteFlow``) tabulates
+    ``sigma(timestep) = time_snr_shift(shift, timestep / 1000)`` at the
+    timesteps 1..1000 (the model itself is trained on a continuous ``t``), and
+    reads ``sigma_max`` (= 1) and
     ``sigma_min`` (= ``sigma(1)``) from that table. It spaces ``num_steps``
     timesteps evenly from ``1000 sigma_max`` down to ``1000 sigma_min``, maps each
     through ``sigma(.)``, and appends a final 0 (the clean image).
