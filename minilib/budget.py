@@ -22,9 +22,9 @@ strings under such names) is capped at :data:`MINIATURE_STEPS`, every
 :data:`MINIATURE_SAMPLES`. Training stays in float32: bfloat16 autocast on a
 CPU without bf16 instructions is about 12 times slower (one training step of
 chapter 4's autoencoder on 64 images: 40 s instead of 3.4 s), so the bf16 code
-path is tested by ``tests/test_autocast.py`` instead, on small inputs. The test
-suite runs every notebook this way with
-``MINILIB_BUDGET=gpu`` on tiny stand-in datasets (``tools/miniature.py``); the
+path is tested by ``tests/test_autocast.py`` instead, on small inputs.
+``tools/make.py book --budget gpu --miniature`` runs every notebook this way, on
+tiny stand-in datasets (:func:`~minilib.datasets.write_miniature_files`); the
 numbers such a run prints mean nothing, but every code path of the ``gpu``
 budget is executed.
 """

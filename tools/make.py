@@ -14,9 +14,8 @@ change.
 
 ``test`` runs in two stages. First pytest runs ``tests/`` and every notebook
 under nbval. Then, if that passed and no pytest arguments narrowed the run, the
-site test (tests/test_site.py) builds the website from a miniature run of the
-``gpu`` budget (``book --budget gpu --miniature``) into ``_build/test-site`` and
-opens every page in headless Chromium. For that stage
+site test (tests/test_site.py) builds the website with the ``ci`` budget into
+``_build/test-site`` and opens every page in headless Chromium. For that stage
 ``test`` installs what the site needs: the offline MathJax and widget scripts
 (``npm ci``) and, if it is missing, Debian's ``chromium`` (``apt-get``, as root).
 ``--no-site`` skips the second stage.
@@ -136,7 +135,7 @@ def cmd_test(pytest_args: list[str], site: bool) -> int:
         return code
     ensure_offline_assets(required=True)
     ensure_chromium()
-    step("site test: build the website from a miniature run of MINILIB_BUDGET=gpu and open every page in Chromium "
+    step("site test: build the website with MINILIB_BUDGET=ci and open every page in Chromium "
          "(tests/test_site.py)")
     env["MINILIB_SITE_TEST"] = "1"
     env.pop("MPLBACKEND")  # the notebooks' figures must use the inline backend
@@ -222,7 +221,7 @@ def main() -> int:
                       help="build into OUTPUT/_build (default: the repository; the site test uses _build/test-site)")
     book.add_argument("--miniature", action="store_true",
                       help="run the budget's configuration with every step count capped at 2, on tiny offline "
-                           "stand-ins of the real datasets (the site test does this with --budget gpu)")
+                           "stand-ins of the real datasets (e.g. --budget gpu --miniature)")
     book.add_argument("--timeout", type=int, default=0, help="seconds one cell may run (default 0: no limit)")
     book.add_argument("--edition", choices=["instructor", "student"], default="instructor",
                       help="student: the site without solutions, from the executed notebooks, in "
