@@ -602,8 +602,7 @@ READ_TIMEOUT = 60.0     # longest silence allowed while the data arrive
 
 
 def is_offline() -> bool:
-    """Whether ``$MINILIB_OFFLINE`` is set (to anything but ``""`` or ``"0"``): then nothing is downloaded
-    from the network (``file://`` URLs, which read this machine's own files, still work)."""
+    """Whether ``$MINILIB_OFFLINE`` is set (to anything but ``""`` or ``"0"``): then nothing is downloaded."""
     return os.environ.get(OFFLINE_ENV, "") not in ("", "0")
 
 
@@ -643,7 +642,7 @@ def download_file(url: str, path: Path, md5: str | None = None, timeout: float =
     from filelock import FileLock, Timeout
 
     path = Path(path)
-    if is_offline() and urllib.parse.urlparse(url).scheme != "file":
+    if is_offline():
         raise DownloadError(f"{OFFLINE_ENV} is set, so nothing is downloaded: download {url} on a machine "
                             f"that is online and put the file at {path} (or unset {OFFLINE_ENV}).")
     try:

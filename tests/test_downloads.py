@@ -217,13 +217,6 @@ def test_offline_mode_stops_the_dataset_loaders_at_once(tmp_path, monkeypatch):
     assert not D.is_offline()
 
 
-def test_offline_mode_still_reads_local_file_urls(tmp_path, monkeypatch):
-    monkeypatch.setenv(D.OFFLINE_ENV, "1")
-    source = tmp_path / "local.bin"             # a file:// URL reads this machine's own file, no network
-    source.write_bytes(b"local bytes")
-    assert download_file(source.as_uri(), tmp_path / "copy" / "local.bin").read_bytes() == b"local bytes"
-
-
 def test_an_http_error_status_is_reported(tmp_path, serve):
     class Missing(Quiet):
         def do_GET(self):

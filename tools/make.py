@@ -150,7 +150,7 @@ def cmd_book(budget: str, jobs: int, output: Path = ROOT, miniature: bool = Fals
     (tools/student_site.py), into ``_build/student/_build/html`` unless ``output`` is given.
 
     ``miniature``: run the budget's configuration with capped step counts (``MINILIB_MINIATURE=1``, see
-    minilib/budget.py) on tiny stand-ins of the real datasets written into the build folder, offline.
+    minilib/budget.py) on tiny stand-ins of the real datasets written into the build folder (so nothing is downloaded).
     ``timeout``: seconds one cell may run (0: no limit)."""
     ensure_venv()
     ensure_offline_assets()
@@ -164,7 +164,7 @@ def cmd_book(budget: str, jobs: int, output: Path = ROOT, miniature: bool = Fals
         data = build / "miniature-data"
         check([VENV_PYTHON, "-c", "import sys; from minilib.datasets import write_miniature_files; "
                                   "write_miniature_files(sys.argv[1], 256)", data])
-        env.update(MINILIB_MINIATURE="1", MINILIB_DATA=str(data), MINILIB_OFFLINE="1")
+        env.update(MINILIB_MINIATURE="1", MINILIB_DATA=str(data))
         cache_name += "-miniature"
     step(f"executing the notebooks whose code changed since the last build, MINILIB_BUDGET={budget}"
          f"{' (miniature)' if miniature else ''}, {jobs} at a time")
