@@ -17,14 +17,14 @@ from minilib.autoencoder import DiagonalGaussian
 from minilib.checks import ExerciseError
 from minilib.fewshot import leave_one_out
 from minilib.flow import append_dims, sample_euler, to_d
-from minilib.flux import apply_rope
+from minilib.flux import apply_rope, image_ids, text_ids
 from minilib.mar import mask_schedule
-from minilib.meanflow import meanflow_target
+from minilib.meanflow import meanflow_target, sample_few_steps
 from minilib.parameterisation import velocity_from_eps
 from minilib.mmdit import attention, block_mixing
 from minilib.patch_embed import get_1d_sincos_pos_embed, patchify
 from minilib.quantize import nearest_code
-from minilib.repa import alignment_loss
+from minilib.repa import alignment_loss, hidden_states
 from minilib.timestep import timestep_embedding
 from minilib.training import compare_state_dicts
 from minilib.var import block_causal_mask
@@ -50,6 +50,7 @@ RIGHT = {
     "check_sincos_embedding": get_1d_sincos_pos_embed,
     "check_timestep_embedding": timestep_embedding,
     "check_modulate": modulate,
+    "check_dit_block": lambda block, x, c: block(x, c),
     "check_reparameterise": lambda mean, logvar, generator: DiagonalGaussian(mean, logvar).sample(generator),
     "check_kl": lambda mean, logvar: DiagonalGaussian(mean, logvar).kl(),
     "check_q_sample": lambda process, x0, t, noise: process.q_sample(x0, t, noise),
@@ -67,6 +68,9 @@ RIGHT = {
     "check_meanflow_target": lambda model, z, r, t, v: meanflow_target(model, z, r, t, v),
     "check_alignment_loss": alignment_loss,
     "check_apply_rope": apply_rope,
+    "check_few_step_sampler": lambda model, noise, steps: sample_few_steps(model, noise, steps=steps),
+    "check_block_hidden_states": lambda model, depth, x, t, y: hidden_states(model, depth, x, t, y)[1],
+    "check_sequence_ids": lambda b, n, h, w: torch.cat([text_ids(b, n), image_ids(b, h, w)], dim=1),
 }
 
 

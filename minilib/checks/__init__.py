@@ -31,7 +31,7 @@ with :func:`~minilib.checks.runner.run_check` and export it here.
 
 from .ch01 import check_patchify, check_sincos_embedding
 from .ch02 import check_timestep_embedding
-from .ch03 import check_modulate
+from .ch03 import check_dit_block, check_modulate
 from .ch04 import check_kl, check_reparameterise
 from .ch05 import check_ddim_step, check_q_sample
 from .ch05b import check_velocity_from_eps
@@ -43,16 +43,17 @@ from .ch10 import check_block_causal_mask
 from .ch11 import check_mask_schedule
 from .ch12 import _reference_ddpm_step, _unmapped_step, check_ddpm_step
 from .ch13 import check_compare_state_dicts
-from .ch14 import check_meanflow_target
-from .ch15 import check_alignment_loss
-from .ch16 import check_apply_rope
+from .ch14 import check_few_step_sampler, check_meanflow_target
+from .ch15 import check_alignment_loss, check_block_hidden_states
+from .ch16 import check_apply_rope, check_sequence_ids
 from .runner import ExerciseError, Part, Report, grade
 
 __all__ = [
     "ExerciseError",
-    "check_patchify", "check_sincos_embedding", "check_timestep_embedding", "check_modulate",
+    "check_patchify", "check_sincos_embedding", "check_timestep_embedding", "check_modulate", "check_dit_block",
     "check_reparameterise", "check_kl", "check_q_sample", "check_ddim_step", "check_velocity_from_eps", "check_to_d",
     "check_euler_step", "check_block_mixing", "check_leave_one_out", "check_nearest_code",
     "check_block_causal_mask", "check_mask_schedule", "check_ddpm_step", "check_compare_state_dicts",
     "check_meanflow_target", "check_alignment_loss", "check_apply_rope",
+    "check_few_step_sampler", "check_block_hidden_states", "check_sequence_ids",
 ]

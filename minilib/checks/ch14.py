@@ -1,4 +1,5 @@
-"""Chapter 14, few-step generation with flow maps: the MeanFlow target with a Jacobian-vector product."""
+"""Chapter 14, few-step generation with flow maps: the MeanFlow target with a Jacobian-vector product, and the
+few-step sampler ``z_r = z_t - (t - r) u(z_t, r, t)``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from .runner import Case, Mistake, _keeps_random_state, _randn, _run
 
-__all__ = ['check_meanflow_target']
+__all__ = ['check_meanflow_target', 'check_few_step_sampler']
 
 
 def _toy_average_velocity(z: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -80,3 +81,52 @@ def check_meanflow_target(fn: Callable) -> None:
                     "(u, du_dt). Reshape t - r to (B, 1, ...) before multiplying.",
          hint="u, du_dt = torch.func.jvp(model, (z, r, t), (v, zeros_like(r), ones_like(t))); target = v - (t - r) "
               "reshaped to (B, 1, ...) * du_dt, detached; return (u, target.detach()).")
+
+
+@_keeps_random_state
+def check_few_step_sampler(fn: Callable) -> None:
+    """Check ``fn(model, noise, steps)``: MeanFlow's sampler, ``steps`` jumps from t = 1 down to 0.
+
+    The times are ``linspace(1, 0, steps + 1)``; each jump from ``t`` to the next
+    time ``r`` is ``z <- z - (t - r) model(z, r, t)`` with ``r`` and ``t`` given as
+    ``(B,)`` tensors. Returns the last ``z``, like ``minilib.meanflow.sample_few_steps``.
+    """
+    from ..meanflow import GaussianAverageVelocity, sample_few_steps
+
+    def reference(model, noise, steps):
+        return sample_few_steps(model, noise, steps=steps)
+
+    def jumps(order="rt", sign=-1.0, gap=True, grid="down"):
+        def wrong(model, noise, steps):
+            levels = torch.linspace(1.0, 0.0, steps + 1) if grid == "down" else torch.linspace(0.0, 1.0, steps + 1)
+            z, ones = noise, noise.new_ones(noise.shape[0])
+            for t, r in zip(levels[:-1].tolist(), levels[1:].tolist()):
+                first, second = {"rt": (r, t), "tr": (t, r), "tt": (t, t)}[order]
+                u = model(z, first * ones, second * ones)
+                z = z + sign * ((t - r) if gap else 1.0) * u
+            return z
+        return wrong
+
+    exact = GaussianAverageVelocity(mu=torch.tensor([1.5, -0.5]), s=0.4)
+    cases = [Case("the toy network u(z, r, t), noise (3, 2), steps = 1", (_toy_average_velocity, _randn(3, 2, seed=170), 1)),
+             Case("the toy network, noise (3, 2), steps = 2", (_toy_average_velocity, _randn(3, 2, seed=171), 2)),
+             Case("the toy network on images, noise (2, 1, 4, 4), steps = 4",
+                  (_toy_average_velocity, _randn(2, 1, 4, 4, seed=172), 4)),
+             Case("the exact average velocity of a Gaussian flow, noise (4, 2), steps = 1: lands on mu + s noise",
+                  (exact, _randn(4, 2, seed=173), 1))]
+    hidden = [Case("the toy network, noise (5, 3), steps = 3", (_toy_average_velocity, _randn(5, 3, seed=174), 3)),
+              Case("the exact average velocity, noise (6, 2), steps = 5", (exact, _randn(6, 2, seed=175), 5))]
+    _run(fn, cases, reference, "minilib.meanflow.sample_few_steps", rtol=1e-4, atol=1e-5, hidden=hidden,
+         mistakes=[Mistake(jumps(sign=1.0), "the jump goes BACK in time, from t to r < t: z_r = z_t - (t - r) u, "
+                                            "a minus sign."),
+                   Mistake(jumps(order="tr"), "the model reads (z, r, t): the END of the jump r first, then its "
+                                              "start t."),
+                   Mistake(jumps(order="tt"), "model(z, t, t) is the INSTANTANEOUS velocity (an Euler step); ask "
+                                              "for the average velocity over the jump, model(z, r, t)."),
+                   Mistake(jumps(gap=False), "multiply u by the length of the jump, t - r: u is a velocity, "
+                                             "the displacement is (t - r) u."),
+                   Mistake(jumps(grid="up"), "sample from noise (t = 1) to data (t = 0): the times are "
+                                             "torch.linspace(1, 0, steps + 1), decreasing.")],
+         error_hint="call model(z, r * ones, t * ones) with r and t as (B,) tensors (ones = noise.new_ones(B)).",
+         hint="times = torch.linspace(1, 0, steps + 1); for t, r in zip(times[:-1], times[1:]): "
+              "u = model(z, r * ones, t * ones); z = z - (t - r) * u; return z.")
