@@ -223,3 +223,20 @@ def test_few_step_sampling_never_waits_for_the_device():
     noise, y = torch.randn(2, 1, 8, 8, device="meta"), torch.tensor([0, 1], device="meta")
     out = sample_few_steps(model, noise, steps=3, model_kwargs={"y": y})
     assert out.device.type == "meta" and out.shape == (2, 1, 8, 8)
+
+
+def test_meanflow_target_equals_the_finite_difference_estimate_of_the_total_derivative():
+    """target = v - (t - r) du/dt, with du/dt estimated by a central difference along z(t + d) = z + d v, r fixed."""
+    model = small_denoiser(time_scale=1.0)
+    torch.manual_seed(6)
+    z, v = torch.randn(3, 1, 8, 8, dtype=torch.float64), torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    r, t = torch.tensor([0.0, 0.2, 0.45], dtype=torch.float64), torch.tensor([0.9, 0.6, 0.5], dtype=torch.float64)
+    y = torch.tensor([2, 0, 1])
+    u, target = meanflow_target(model, z, r, t, v, y=y)
+    delta = 1e-3
+    with torch.no_grad():
+        du_dt = (model(z + delta * v, r, t + delta, y) - model(z - delta * v, r, t - delta, y)) / (2 * delta)
+    estimate = v - (t - r)[:, None, None, None] * du_dt
+    assert torch.allclose(target, estimate, atol=5e-5)
+    assert (target - v).abs().max() > 0.05  # the correction is not negligible
+    assert torch.allclose(u, model(z, r, t, y))
