@@ -9,7 +9,7 @@ with classifier-free guidance, which doubles the batch the network sees:
 
 | sampler | small model (sizes from the notebooks' cpu budget) | full size |
 |---|---|---|
-| DDPM, DDIM (``minilib.diffusion``) | chapter 5's DiT on 16x16 digits, guidance 2 | DiT-XL/2 (256 px, 32x32x4 latents), guidance 4 |
+| DDPM, DDIM (``minilib.diffusion``) | chapter 5's latent DiT on 4x4x4 latents of 16x16 digits, guidance 2 | DiT-XL/2 (256 px, 32x32x4 latents), guidance 4 |
 | Euler, Heun (``minilib.flow``) | chapter 7's MM-DiT + text encoder, 16x16 RGB, guidance 3 | SD3 Medium's MM-DiT, guidance 5, shift 3 |
 | VAR, with and without the KV cache | chapter 10's small-var-digits (4 scales) | VAR-d16: see ``var_kv_cache.py`` |
 | MAR (``sample_tokens``) | chapter 11's mar-small-digits, without guidance | MAR-B (256 tokens), without guidance |
@@ -177,14 +177,16 @@ def ddpm_ddim_rows(model: DiT, diffusion: GaussianDiffusion, name: str, device: 
 
 
 def dit_small(device: torch.device, args) -> list[Row]:
-    """Chapter 5's DiT at its cpu settings (cell "def build_dit"), the notebook's step counts."""
+    """Chapter 5's latent DiT at its cpu settings (cells "latent_shape ... def build_dit"): 4x4x4 latents of
+    the 16x16 digits, DiT's linear schedule, the notebook's step counts (the decoder is not timed)."""
     cfg = notebook_config("05", "cpu")
-    model = DiT(input_size=16, patch_size=cfg.patch_size, in_channels=1, hidden_size=cfg.hidden_size,
+    side = cfg.image_size // 4
+    model = DiT(input_size=side, patch_size=cfg.patch_size, in_channels=4, hidden_size=cfg.hidden_size,
                 depth=cfg.depth, num_heads=4, num_classes=10, learn_sigma=False)
     steps = {"DDPM": cfg.ddpm_steps, "DDIM": cfg.ddim_steps}
-    return ddpm_ddim_rows(model, GaussianDiffusion(beta_schedule("cosine", 1000)),
-                          f"ch. 5 DiT ({zoo.count_parameters(model) / 1e6:.2f}M)", device, SMALL_BATCH, (1, 16, 16),
-                          2.0, steps, steps)
+    return ddpm_ddim_rows(model, GaussianDiffusion(beta_schedule("linear", 1000)),
+                          f"ch. 5 latent DiT ({zoo.count_parameters(model) / 1e6:.2f}M)", device, SMALL_BATCH,
+                          (4, side, side), 2.0, steps, steps)
 
 
 def dit_xl(device: torch.device, args) -> list[Row]:
