@@ -15,6 +15,7 @@ from minilib import checks
 from minilib.adaln import modulate
 from minilib.autoencoder import DiagonalGaussian
 from minilib.checks import ExerciseError
+from minilib.diffusion import classifier_free_guidance
 from minilib.fewshot import leave_one_out
 from minilib.flow import append_dims, sample_euler, to_d
 from minilib.flux import apply_rope, image_ids, text_ids
@@ -55,8 +56,11 @@ RIGHT = {
     "check_kl": lambda mean, logvar: DiagonalGaussian(mean, logvar).kl(),
     "check_q_sample": lambda process, x0, t, noise: process.q_sample(x0, t, noise),
     "check_ddim_step": lambda process, x_t, t, x0: process._ddim_step(x_t, t, x0, torch.zeros_like(x_t), eta=0.0),
+    "check_guided_eps": lambda model, x, t, y, null, s: classifier_free_guidance(model, s)(
+        torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, torch.full_like(y, null)]))[: len(x), : x.shape[1]],
     "check_to_d": to_d,
     "check_velocity_from_eps": velocity_from_eps,
+    "check_ddim_eta_step": checks.ch05b._ddim_general_step,
     "check_euler_step": lambda denoiser, x, sigma, sigma_next: sample_euler(denoiser, x, torch.stack([sigma, sigma_next])),
     "check_block_mixing": block_mixing,
     "check_leave_one_out": leave_one_out,

@@ -62,3 +62,96 @@ def test_dit_block_gates_without_a_token_axis_crash_with_a_hint_and_scale_only_m
     # swapping shift and scale goes unnoticed where both are zero: the block as built still earns its point
     assert parts_passed(checks.check_dit_block, dit_block(order=(1, 0, 2, 4, 3, 5))) == {
         "random blocks": False, "adaLN-Zero at initialisation: the identity": True, "hidden inputs": False}
+
+
+# --- chapter 5: the forward process, DDIM, classifier-free guidance ----------------------------
+
+
+def guided(sign=1.0, w_is_scale=False, null=True, channels=True):
+    """A hand-written guided eps, with optional mistakes."""
+    def my_guided_eps(model, x, t, y, null_class, scale):
+        labels = torch.cat([y, torch.full_like(y, null_class) if null else y])
+        out = model(torch.cat([x, x]), torch.cat([t, t]), y=labels)
+        cond, uncond = (out[:, : x.shape[1]] if channels else out).chunk(2)
+        if w_is_scale:
+            return cond + scale * (cond - uncond)
+        return uncond + scale * (cond - uncond) if sign > 0 else cond + scale * (uncond - cond)
+    return my_guided_eps
+
+
+def test_guided_eps_by_hand_passes_and_its_mistakes_get_their_hints():
+    checks.check_guided_eps(guided(), hidden=True)
+    fails_with(checks.check_guided_eps, guided(sign=-1.0), "start from the UNconditional prediction")
+    fails_with(checks.check_guided_eps, guided(w_is_scale=True), "their w is scale - 1")
+    fails_with(checks.check_guided_eps, guided(null=False), "give it the null class")
+
+
+def test_guided_eps_keeping_the_variance_channels_loses_only_those_parts():
+    fails_with(checks.check_guided_eps, guided(channels=False), "variance channels", "expected shape (3, 3, 4, 4)")
+    assert parts_passed(checks.check_guided_eps, guided(channels=False)) == {
+        "guided noise": True, "edge scales: 1 is conditional, 0 unconditional": True,
+        "a model with variance channels (learn_sigma)": False, "hidden inputs": False}
+
+
+def test_guided_eps_with_one_t_for_both_halves_crashes_with_a_hint():
+    def my_guided_eps(model, x, t, y, null_class, scale):
+        out = model(torch.cat([x, x]), t, y=torch.cat([y, torch.full_like(y, null_class)]))
+        cond, uncond = out[:, : x.shape[1]].chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    fails_with(checks.check_guided_eps, my_guided_eps, "raised RuntimeError", "t2 = cat([t, t])")
+
+
+def test_q_sample_and_ddim_step_hidden_inputs_catch_an_answer_tuned_to_the_visible_ones():
+    def q_sample_in_float32(process, x0, t, noise):  # float32 square roots are close enough for q_sample
+        abar = process.alphas_cumprod[t].to(x0.dtype).view(-1, *[1] * (x0.ndim - 1))
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    assert checks.grade(checks.check_q_sample, q_sample_in_float32).passed
+    fails_with(checks.check_q_sample, lambda process, x0, t, noise: process.q_sample(x0, t.flip(0), noise),
+               "wrong answer on input 1 of 3")
+
+    def ddim_no_t0(process, x_t, t, x0):  # uses abar[t - 1] everywhere: wrong at t = 0, also in the hidden part
+        view = (-1,) + (1,) * (x_t.ndim - 1)
+        abar, prev = process.alphas_cumprod[t], process.alphas_cumprod[t - 1]
+        eps = (x_t - abar.sqrt().to(x_t.dtype).view(view) * x0) / (1 - abar).sqrt().to(x_t.dtype).view(view)
+        return prev.sqrt().to(x_t.dtype).view(view) * x0 + (1 - prev).sqrt().to(x_t.dtype).view(view) * eps
+
+    assert not checks.grade(checks.check_ddim_step, ddim_no_t0).parts[-1].passed
+
+
+# --- interlude 5b: the velocity from eps, DDIM with eta = 1 -------------------------------------
+
+
+def ddim_eta_step(sigma_power=0.5, eps_keeps_all=False, fresh_noise=True, uses_eta=True):
+    """DDIM's step written by hand, with optional mistakes."""
+    def my_ddim_eta_step(x_t, eps, abar_t, abar_prev, eta, z):
+        eta = eta if uses_eta else 1.0
+        sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** sigma_power
+        x0_hat = (x_t - (1 - abar_t) ** 0.5 * eps) / abar_t ** 0.5
+        eps_scale = (1 - abar_prev) ** 0.5 if eps_keeps_all else (1 - abar_prev - sigma ** 2) ** 0.5
+        return abar_prev ** 0.5 * x0_hat + eps_scale * eps + (sigma * z if fresh_noise else 0)
+    return my_ddim_eta_step
+
+
+def test_ddim_eta_step_by_hand_passes_and_its_mistakes_get_their_hints():
+    checks.check_ddim_eta_step(ddim_eta_step(), hidden=True)
+    fails_with(checks.check_ddim_eta_step, ddim_eta_step(sigma_power=1.0), "sigma is a standard deviation")
+    fails_with(checks.check_ddim_eta_step, ddim_eta_step(eps_keeps_all=True), "sqrt(1 - abar_prev - sigma^2) eps")
+    fails_with(checks.check_ddim_eta_step, ddim_eta_step(fresh_noise=False), "add the fresh noise sigma * z")
+
+
+def test_ddim_eta_step_always_at_eta_one_earns_the_ddpm_part_only():
+    wrong = ddim_eta_step(uses_eta=False)
+    fails_with(checks.check_ddim_eta_step, wrong, "sigma scales with eta", "✓ eta = 1 is DDPM's posterior step")
+    report = checks.grade(checks.check_ddim_eta_step, wrong)
+    assert (report.score, report.max_score) == (2, 5)
+
+
+def test_velocity_from_eps_rejects_a_rectified_flow_only_answer_on_visible_and_hidden_inputs():
+    def rectified_flow_only(x_t, eps, a, b, da, db):  # v = eps - x0_hat, whatever the coefficients
+        return eps - (x_t - b * eps) / a
+
+    fails_with(checks.check_velocity_from_eps, rectified_flow_only, "input 2 of 3")
+    report = checks.grade(checks.check_velocity_from_eps, rectified_flow_only)
+    assert [part.passed for part in report.parts] == [False, False]  # the hidden cosine-like path too

@@ -33,8 +33,8 @@ from .ch01 import check_patchify, check_sincos_embedding
 from .ch02 import check_timestep_embedding
 from .ch03 import check_dit_block, check_modulate
 from .ch04 import check_kl, check_reparameterise
-from .ch05 import check_ddim_step, check_q_sample
-from .ch05b import check_velocity_from_eps
+from .ch05 import check_ddim_step, check_guided_eps, check_q_sample
+from .ch05b import check_ddim_eta_step, check_velocity_from_eps
 from .ch06 import check_euler_step, check_to_d
 from .ch07 import check_block_mixing
 from .ch08 import check_leave_one_out
@@ -51,7 +51,7 @@ from .runner import ExerciseError, Part, Report, grade
 __all__ = [
     "ExerciseError",
     "check_patchify", "check_sincos_embedding", "check_timestep_embedding", "check_modulate", "check_dit_block",
-    "check_reparameterise", "check_kl", "check_q_sample", "check_ddim_step", "check_velocity_from_eps", "check_to_d",
+    "check_reparameterise", "check_kl", "check_q_sample", "check_ddim_step", "check_guided_eps", "check_velocity_from_eps", "check_ddim_eta_step", "check_to_d",
     "check_euler_step", "check_block_mixing", "check_leave_one_out", "check_nearest_code",
     "check_block_causal_mask", "check_mask_schedule", "check_ddpm_step", "check_compare_state_dicts",
     "check_meanflow_target", "check_alignment_loss", "check_apply_rope",
