@@ -53,7 +53,7 @@ VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 class Phi(nn.Conv2d):
     """VAR's residual refinement ``phi``: ``(B, C, h, w) -> (B, C, h, w)``,
 
-        phi(h) = (1 - r) h + r conv3x3(h),    r = quant_resi (0.5 in VAR)
+        phi(h) = (1 - a) h + a conv3x3(h),    a = quant_resi (0.5 in VAR)
 
     Applied to every up-sampled code map before it is added to ``f_hat``. A conv
     subclass, so its weights are ``...qresi_ls.i.weight`` as in the checkpoints.
@@ -68,13 +68,14 @@ class Phi(nn.Conv2d):
 
 
 def _ticks(K: int) -> np.ndarray:
-    """Where K shared phis sit on [0, 1] (the scale index ``k / (K_scales - 1)`` picks the nearest)."""
+    """Where ``K`` shared phis sit on [0, 1] (the code's argument name; in the book's notation ``n_phi``, since
+    ``K`` counts scales). Scale ``k`` of ``K`` scales, at ``(k - 1) / (K - 1)``, picks the nearest."""
     return np.linspace(1 / 3 / K, 1 - 1 / 3 / K, K) if K == 4 else np.linspace(1 / 2 / K, 1 - 1 / 2 / K, K)
 
 
 def _nearest_tick(ticks: np.ndarray, at_from_0_to_1: float) -> int:
     if not 0.0 <= float(at_from_0_to_1) <= 1.0:
-        raise ValueError(f"a phi is chosen by the scale's position in [0, 1] (k / (K - 1)); got {at_from_0_to_1}")
+        raise ValueError(f"a phi is chosen by the scale's position in [0, 1] ((k - 1) / (K - 1)); got {at_from_0_to_1}")
     return int(np.argmin(np.abs(ticks - at_from_0_to_1)))
 
 
@@ -90,11 +91,11 @@ class PhiShared(nn.Module):
 
 
 class PhiPartiallyShared(nn.Module):
-    """``K`` phis shared by all scales (VAR uses ``K = share_quant_resi = 4`` for 10 scales).
+    """``n_phi`` phis shared by all ``K`` scales (VAR uses ``n_phi = share_quant_resi = 4`` for K = 10).
 
-    ``quant_resi[k / (S - 1)]`` returns the phi whose tick is nearest to scale k's
-    relative position; the ticks are ``linspace(1/(3K), 1 - 1/(3K), K)`` for K = 4
-    (0.083, 0.361, 0.639, 0.917), so VAR's scales 0..9 use phis
+    ``quant_resi[(k - 1) / (K - 1)]`` returns the phi whose tick is nearest to scale k's
+    relative position; the ticks are ``linspace(1/(3 n_phi), 1 - 1/(3 n_phi), n_phi)`` for n_phi = 4
+    (0.083, 0.361, 0.639, 0.917), so VAR's scales k = 1..10 use phis
     0, 0, 1, 1, 1, 2, 2, 3, 3, 3.
     """
 
@@ -104,7 +105,7 @@ class PhiPartiallyShared(nn.Module):
         self.ticks = _ticks(len(qresi_ls))
 
     def index(self, at_from_0_to_1: float) -> int:
-        """Which of the K phis serves the scale at relative position ``at_from_0_to_1``."""
+        """Which of the ``n_phi`` phis serves the scale at relative position ``at_from_0_to_1``."""
         return _nearest_tick(self.ticks, at_from_0_to_1)
 
     def __getitem__(self, at_from_0_to_1: float) -> nn.Module:
@@ -138,12 +139,12 @@ class VectorQuantizer2(nn.Module):
         beta: commitment weight.
         default_qresi_counts: number of phis when not shared (0: one per scale).
         v_patch_nums: sides ``p_1 < ... < p_K`` of the token maps; the last is ``h``.
-        quant_resi: the blend ratio ``r`` of ``Phi`` (0: no phi at all).
-        share_quant_resi: 0: one phi per scale, 1: one for all, K > 1: K shared phis.
+        quant_resi: the blend ratio ``a`` of ``Phi`` (0: no phi at all).
+        share_quant_resi: 0: one phi per scale, 1: one for all, n_phi > 1: n_phi shared phis.
 
     Attributes:
         embedding: the codebook, ``nn.Embedding(V, Cvae)``.
-        quant_resi: the phis; ``quant_resi[k / (K - 1)]`` is scale k's.
+        quant_resi: the phis; ``quant_resi[(k - 1) / (K - 1)]`` is scale k's (k = 1..K).
         ema_vocab_hit_SV: buffer ``(K, V)``, moving average of code hits per scale (training only).
     """
 
