@@ -5,8 +5,8 @@ An image ``(B, 3, H, W)`` is encoded to a feature map ``f`` of shape
 ``(B, Cvae, h, w)`` (``h = H / 16`` at full size) and quantised into a *pyramid*
 of token maps ``r_1, ..., r_K`` of sides ``v_patch_nums = (1, 2, 3, 4, 5, 6, 8,
 10, 13, 16)``: first one token for the whole image, then 2x2, ... up to 16x16.
-Each scale quantises what the coarser ones have not yet explained (seed 000,
-Algorithm 1 of the paper):
+Each scale quantises what the coarser ones have not yet explained (Algorithm 1 of
+the VAR paper, Tian et al. 2024):
 
     f_hat = 0,  f_rest = f
     for k = 1..K:

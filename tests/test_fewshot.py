@@ -1,4 +1,5 @@
-"""The few-shot model of seed 002 (VFSDDPM): set encoder, leave-one-out, conditioning, full-size counts."""
+"""The few-shot model VFSDDPM (Giannone et al.; the JAX port's CIFAR-100 configuration): set encoder,
+leave-one-out, conditioning, full-size counts against the parameter summary published with that configuration."""
 
 import math
 
@@ -13,10 +14,10 @@ from minilib.fewshot import (ContextDiT, LocalitySelfAttention, SetViT, ShiftedP
                              class_sets, component_parameters, gaussian_kl, infinite_sets, leave_one_out,
                              leave_one_out_index)
 
-# seed 002's table, row by row (its own arithmetic adds up to these totals)
-SEED_DIT = {"x_embedder": 4_608, "pos_embed": 98_304, "t_embedder": 245_760, "context_proj": 147_840,
+# the published parameter summary (book/vfsddpm-parameters.md), row by row (its own arithmetic adds up to these totals)
+SUMMARY_DIT = {"x_embedder": 4_608, "pos_embed": 98_304, "t_embedder": 245_760, "context_proj": 147_840,
             "blocks": 31_938_048, "final_layer": 301_068}
-SEED_ENCODER = {"spt": 28_032, "pos_embedding": 98_688, "blocks": 10_646_784, "norm": 768}
+SUMMARY_ENCODER = {"spt": 28_032, "pos_embedding": 98_688, "blocks": 10_646_784, "norm": 768}
 
 # minilib's vfsddpm-cifar100, pinned
 DIT = {"x_embedder": 4_992, "pos_embed": 98_304, "t_embedder": 246_528, "context_proj": 147_840,
@@ -31,18 +32,18 @@ def small(**kwargs):
     return VFSDDPM(**{**config, **kwargs})
 
 
-# --- the full-size configuration of seed 002 ------------------------------------
+# --- the full-size configuration of the JAX port ------------------------------------
 
 
-def test_vfsddpm_cifar100_has_seed_002_hyper_parameters():
+def test_vfsddpm_cifar100_has_the_jax_port_hyper_parameters():
     config = zoo.get("vfsddpm-cifar100").config
-    seed = load_reference("vfsddpm_jax_seedcfg_9ea3f86.json")["constructor"]["resolved_cfg"]
+    port = load_reference("vfsddpm_jax_seedcfg_9ea3f86.json")["constructor"]["resolved_cfg"]
     for key in ["image_size", "in_channels", "sample_size", "hdim", "hidden_size", "depth", "num_heads",
                 "mlp_ratio", "patch_size"]:
-        assert config[key] == seed[key], key
-    assert (config["conditioning"], config["context"]) == (seed["mode_conditioning"], seed["mode_context"])
+        assert config[key] == port[key], key
+    assert (config["conditioning"], config["context"]) == (port["mode_conditioning"], port["mode_context"])
     assert config["encoder_depth"] == 6      # "Transformer Blocks (x6)"
-    assert seed["context_channels"] == seed["hdim"]  # the context projection is hdim -> hidden_size
+    assert port["context_channels"] == port["hdim"]  # the context projection is hdim -> hidden_size
 
 
 def test_vfsddpm_cifar100_parameters_component_by_component():
@@ -68,22 +69,22 @@ def test_per_block_counts():
     assert n(layer) == 1_774_465 and len(model.encoder.blocks) == 6 and len(model.dit.blocks) == 12
 
 
-def test_every_difference_from_the_seed_table_is_accounted_for():
-    """Each row differs from seed 002's table by exactly the amount the chapter explains."""
-    assert sum(SEED_DIT.values()) == 32_735_628 and sum(SEED_ENCODER.values()) == 10_774_272
-    assert DIT["x_embedder"] - SEED_DIT["x_embedder"] == 384                   # the patch conv's bias
-    assert DIT["t_embedder"] - SEED_DIT["t_embedder"] == 384 + 384             # the two MLP biases
-    assert SEED_DIT["blocks"] - DIT["blocks"] == 12 * 2 * 2 * 384              # LayerNorm weights adaLN replaces
-    assert SEED_DIT["final_layer"] - DIT["final_layer"] == 2 * 384             # likewise in the final layer
-    assert SEED_ENCODER["spt"] == (2 * 2 * 3 * 6) * 384 + 384                  # 6 images stacked, no shifts
+def test_every_difference_from_the_published_summary_is_accounted_for():
+    """Each row differs from the published parameter summary by exactly the amount the appendix explains."""
+    assert sum(SUMMARY_DIT.values()) == 32_735_628 and sum(SUMMARY_ENCODER.values()) == 10_774_272
+    assert DIT["x_embedder"] - SUMMARY_DIT["x_embedder"] == 384                   # the patch conv's bias
+    assert DIT["t_embedder"] - SUMMARY_DIT["t_embedder"] == 384 + 384             # the two MLP biases
+    assert SUMMARY_DIT["blocks"] - DIT["blocks"] == 12 * 2 * 2 * 384              # LayerNorm weights adaLN replaces
+    assert SUMMARY_DIT["final_layer"] - DIT["final_layer"] == 2 * 384             # likewise in the final layer
+    assert SUMMARY_ENCODER["spt"] == (2 * 2 * 3 * 6) * 384 + 384                  # 6 images stacked, no shifts
     assert ENCODER["spt"] == (2 * 2 * 3 * 5) * 384 + 384 + 2 * 60              # image + 4 shifts, LayerNorm(60)
-    assert ENCODER["blocks"] - SEED_ENCODER["blocks"] == 6                     # one LSA temperature per block
-    assert ENCODER["pos_embedding"] == (1 + 256) * 384 == SEED_ENCODER["pos_embedding"]
+    assert ENCODER["blocks"] - SUMMARY_ENCODER["blocks"] == 6                     # one LSA temperature per block
+    assert ENCODER["pos_embedding"] == (1 + 256) * 384 == SUMMARY_ENCODER["pos_embedding"]
     # the DiT built from chapter 5's blocks is exactly the DiT of the built JAX code at 9ea3f86
     jax = load_reference("vfsddpm_jax_seedcfg_9ea3f86.json")
     assert sum(DIT.values()) == jax["params_by_part"]["dit"]
-    assert jax["seed_table"]["dit_total"] == sum(SEED_DIT.values())
-    assert jax["seed_table"]["encoder_total"] == sum(SEED_ENCODER.values())
+    assert jax["seed_table"]["dit_total"] == sum(SUMMARY_DIT.values())
+    assert jax["seed_table"]["encoder_total"] == sum(SUMMARY_ENCODER.values())
 
 
 # --- the set encoder ------------------------------------------------------------

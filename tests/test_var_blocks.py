@@ -33,7 +33,7 @@ def test_one_var_d16_block_has_the_seed_parameter_count():
         block = AdaLNSelfAttn(embed_dim=1024, cond_dim=1024, num_heads=16, mlp_ratio=4.0)
     assert module_tree(block) == reference_tree(load_reference("var_d16.json"), "blocks.0.")
     assert module_tree(block)["attn.zero_k_bias"] == ((1024,), "buffer")
-    assert num_params(block) == 18_888_720  # seed 000: AdaLNSelfAttn(1-15)<:18888720x15>
+    assert num_params(block) == 18_888_720  # the official VAR-d16 printout: AdaLNSelfAttn(1-15)<:18888720x15>
 
 
 # ---------------------------------------------------------------- attention
