@@ -17,7 +17,7 @@ from minilib.autoencoder import DiagonalGaussian
 from minilib.checks import ExerciseError
 from minilib.diffusion import classifier_free_guidance
 from minilib.fewshot import leave_one_out
-from minilib.flow import append_dims, sample_euler, to_d
+from minilib.flow import CFGDenoiser, append_dims, sample_euler, time_snr_shift, to_d
 from minilib.flux import apply_rope, image_ids, text_ids
 from minilib.mar import mask_schedule
 from minilib.meanflow import meanflow_target, sample_few_steps
@@ -62,6 +62,8 @@ RIGHT = {
     "check_velocity_from_eps": velocity_from_eps,
     "check_ddim_eta_step": checks.ch05b._ddim_general_step,
     "check_euler_step": lambda denoiser, x, sigma, sigma_next: sample_euler(denoiser, x, torch.stack([sigma, sigma_next])),
+    "check_gaussian_velocity": checks.ch06._gaussian_velocity,
+    "check_sampling_schedule": lambda steps: time_snr_shift(0.1, torch.linspace(1, 0, steps + 1)),
     "check_block_mixing": block_mixing,
     "check_leave_one_out": leave_one_out,
     "check_nearest_code": nearest_code,
@@ -75,6 +77,15 @@ RIGHT = {
     "check_few_step_sampler": lambda model, noise, steps: sample_few_steps(model, noise, steps=steps),
     "check_block_hidden_states": lambda model, depth, x, t, y: hidden_states(model, depth, x, t, y)[1],
     "check_sequence_ids": lambda b, n, h, w: torch.cat([text_ids(b, n), image_ids(b, h, w)], dim=1),
+    "check_guided_denoiser": lambda denoiser, x, sigma, cond, uncond, cond_scale: CFGDenoiser(denoiser)(
+        x, sigma, cond, uncond, cond_scale),
+    "check_lsa_attention": checks.ch08._lsa_reference,
+    "check_straight_through": checks.ch09._quantise_reference,
+    "check_codebook_rescue": lambda: dict(dead_code_threshold=1.0),
+    "check_next_scale_input": checks.ch10._next_scale_input,
+    "check_mae_routing": checks.ch11._mae_routing,
+    "check_mixture_eps": checks.ch12._mixture_eps,
+    "check_dit_parameter_count": checks.ch13._dit_formula,
 }
 
 

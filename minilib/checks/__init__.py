@@ -35,14 +35,14 @@ from .ch03 import check_dit_block, check_modulate
 from .ch04 import check_kl, check_reparameterise
 from .ch05 import check_ddim_step, check_guided_eps, check_q_sample
 from .ch05b import check_ddim_eta_step, check_velocity_from_eps
-from .ch06 import check_euler_step, check_to_d
-from .ch07 import check_block_mixing
-from .ch08 import check_leave_one_out
-from .ch09 import check_nearest_code
-from .ch10 import check_block_causal_mask
-from .ch11 import check_mask_schedule
-from .ch12 import _reference_ddpm_step, _unmapped_step, check_ddpm_step
-from .ch13 import check_compare_state_dicts
+from .ch06 import check_euler_step, check_gaussian_velocity, check_sampling_schedule, check_to_d
+from .ch07 import check_block_mixing, check_guided_denoiser
+from .ch08 import check_leave_one_out, check_lsa_attention
+from .ch09 import check_codebook_rescue, check_nearest_code, check_straight_through
+from .ch10 import check_block_causal_mask, check_next_scale_input
+from .ch11 import check_mae_routing, check_mask_schedule
+from .ch12 import _reference_ddpm_step, _unmapped_step, check_ddpm_step, check_mixture_eps
+from .ch13 import check_compare_state_dicts, check_dit_parameter_count
 from .ch14 import check_few_step_sampler, check_meanflow_target
 from .ch15 import check_alignment_loss, check_block_hidden_states
 from .ch16 import check_apply_rope, check_sequence_ids
@@ -52,8 +52,10 @@ __all__ = [
     "ExerciseError",
     "check_patchify", "check_sincos_embedding", "check_timestep_embedding", "check_modulate", "check_dit_block",
     "check_reparameterise", "check_kl", "check_q_sample", "check_ddim_step", "check_guided_eps", "check_velocity_from_eps", "check_ddim_eta_step", "check_to_d",
-    "check_euler_step", "check_block_mixing", "check_leave_one_out", "check_nearest_code",
+    "check_euler_step", "check_gaussian_velocity", "check_sampling_schedule", "check_block_mixing", "check_leave_one_out", "check_nearest_code",
     "check_block_causal_mask", "check_mask_schedule", "check_ddpm_step", "check_compare_state_dicts",
     "check_meanflow_target", "check_alignment_loss", "check_apply_rope",
+    "check_guided_denoiser", "check_lsa_attention", "check_straight_through", "check_codebook_rescue",
+    "check_next_scale_input", "check_mae_routing", "check_mixture_eps", "check_dit_parameter_count",
     "check_few_step_sampler", "check_block_hidden_states", "check_sequence_ids",
 ]
