@@ -252,14 +252,17 @@ class VectorQuantizer(nn.Module):
 class ResidualVQ(nn.Module):
     """Residual vector quantisation: ``D`` quantisers, each on what the previous ones missed.
 
-        r_0 = z;   for d = 1..D:   k_d = k*(r_{d-1}; E_d),   r_d = r_{d-1} - e_{k_d}
-        z_q = e_{k_1} + ... + e_{k_D}    (so  z - z_q = r_D)
+        rho_0 = z;   for d = 1..D:   n_d = k*(rho_{d-1}; E_d),   rho_d = rho_{d-1} - e_{n_d}
+        z_q = e_{n_1} + ... + e_{n_D}    (so  z - z_q = rho_D)
+
+    (chapter 9's notation: ``rho_d`` is the residual after level d, ``n_d`` its code number;
+    ``r_k`` is kept for VAR's token maps and ``k`` for its scales.)
 
     With ``V`` codes per level the ``D`` indices address ``V^D`` combinations, yet
     only ``D V`` codes are stored and searched. ``forward(z)``: ``(..., C)`` ->
     ``QuantizerOutput`` with indices ``(..., D)``, the summed losses of the levels
     (each level's codebook and commitment losses against its own residual) and
-    ``z_q = z + sg[sum_d e_{k_d} - z]``.
+    ``z_q = z + sg[sum_d e_{n_d} - z]``.
 
     Args:
         depth: D, the number of quantisers.
