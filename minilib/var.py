@@ -580,6 +580,9 @@ class VAR(nn.Module):
 
             logits = (1 + t) * logits_cond - t * logits_uncond,   t = cfg * si / (K - 1),
 
+        (the code's ``t``; chapter 10 writes it ``w_k``, Ho & Salimans' weight, so the book's
+        guidance scale is ``s = 1 + w_k``),
+
         a guidance that rises linearly from 0 at the first scale to ``cfg`` at the
         last (``cfg = 0`` samples the plain conditional model). Then top-k/top-p
         filtering and a draw; the chosen code vectors are added to the running
@@ -596,7 +599,8 @@ class VAR(nn.Module):
             label_B: int64 ``(B,)`` classes; an int for all (negative: the null
                 class, i.e. unconditional); None: uniformly random classes.
             g_seed: seed of the sampling generator (None: the global one).
-            cfg: guidance strength at the last scale.
+            cfg: guidance weight at the last scale (``w_K``; the book's scale ``s = 1 + cfg`` there;
+                0: no guidance).
             top_k, top_p: see :func:`sample_with_top_k_top_p_` (0 = off).
             more_smooth: VAR's visualisation trick: mix code vectors with
                 Gumbel-softmax weights instead of picking the sampled one.
