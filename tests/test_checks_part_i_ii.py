@@ -155,3 +155,68 @@ def test_velocity_from_eps_rejects_a_rectified_flow_only_answer_on_visible_and_h
     fails_with(checks.check_velocity_from_eps, rectified_flow_only, "input 2 of 3")
     report = checks.grade(checks.check_velocity_from_eps, rectified_flow_only)
     assert [part.passed for part in report.parts] == [False, False]  # the hidden cosine-like path too
+
+
+# --- chapter 6: the ODE slope, one Euler step, the exact Gaussian field, a sampling grid ------
+
+
+def gaussian_velocity(sign=1.0, noise_variance_power=2, centre=True, divide_by_t=False):
+    """The exact Gaussian field written by hand, with optional mistakes."""
+    def my_gaussian_velocity(x, t, mean, std):
+        t = t.to(x.dtype)[:, None]
+        variance = (1 - t) ** 2 * std ** 2 + t ** noise_variance_power
+        centred = x - (1 - t) * mean if centre else x - mean
+        x0_mean = mean + (1 - t) * std ** 2 / variance * centred
+        if divide_by_t:
+            return (x - x0_mean) / t
+        return sign * (t / variance * centred - x0_mean)
+    return my_gaussian_velocity
+
+
+def test_gaussian_velocity_by_hand_passes_and_its_mistakes_get_their_hints():
+    checks.check_gaussian_velocity(gaussian_velocity(), hidden=True)
+    fails_with(checks.check_gaussian_velocity, gaussian_velocity(sign=-1.0), "not x0 - eps")
+    fails_with(checks.check_gaussian_velocity, gaussian_velocity(noise_variance_power=1), "its variance is t^2")
+    fails_with(checks.check_gaussian_velocity, gaussian_velocity(centre=False), "x - (1 - t) mean")
+
+
+def test_gaussian_velocity_dividing_by_t_loses_only_the_end_points():
+    wrong = gaussian_velocity(divide_by_t=True)
+    fails_with(checks.check_gaussian_velocity, wrong, "divides by zero at t = 0", "✓ inside times")
+    assert parts_passed(checks.check_gaussian_velocity, wrong) == {
+        "inside times": True, "the ends t = 0 and t = 1": False, "special data": True, "hidden inputs": False}
+
+
+def test_sampling_schedule_grades_the_error_against_its_targets():
+    from minilib.flow import sigmas, time_snr_shift
+
+    def grid(shift):
+        return lambda steps: time_snr_shift(shift, torch.linspace(1, 0, steps + 1))
+
+    checks.check_sampling_schedule(grid(0.1), hidden=True)
+    checks.check_sampling_schedule(lambda steps: torch.tensor([1.0, 0.1, 0.05, 0.02, 0.0]))  # another answer
+    fails_with(checks.check_sampling_schedule, lambda steps: torch.linspace(1, 0, steps + 1),
+               "expected an Euler error below 0.6", "it is 1.06", "put more levels close to 0")
+    fails_with(checks.check_sampling_schedule, lambda steps: sigmas(steps, shift=3.0), "try a shift below 1")
+    # a shift of 0.2 reaches the first target only: partial credit
+    assert parts_passed(checks.check_sampling_schedule, grid(0.2)) == {
+        "4 steps, error below 0.6": True, "4 steps, error below 0.45": False, "hidden inputs": False}
+
+
+def test_sampling_schedule_rejects_grids_that_are_not_grids():
+    fails_with(checks.check_sampling_schedule, lambda steps: torch.linspace(0, 1, steps + 1), "starts at 1")
+    fails_with(checks.check_sampling_schedule, lambda steps: torch.tensor([1.0, 0.1, 0.2, 0.05, 0.0]),
+               "decrease strictly")
+    fails_with(checks.check_sampling_schedule, lambda steps: torch.linspace(1, 0, steps), "expected 5 levels")
+
+
+def test_to_d_and_euler_step_more_wrong_answers():
+    fails_with(checks.check_to_d, lambda x, sigma, denoised: (x - denoised) * sigma.reshape(-1, *[1] * (x.ndim - 1)),
+               "wrong answer on input 1 of 3")
+
+    def divides_by_next(denoiser, x, sigma, sigma_next):
+        return x + (sigma_next - sigma) * (x - denoiser(x, sigma * torch.ones(len(x)))) / sigma_next
+
+    fails_with(checks.check_euler_step, divides_by_next, "the slope uses the current level")
+    fails_with(checks.check_euler_step, lambda denoiser, x, sigma, sigma_next: denoiser(x, sigma * torch.ones(len(x))),
+               "does not jump to the denoised image")
