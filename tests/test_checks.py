@@ -50,6 +50,7 @@ RIGHT = {
     "check_patchify": patchify,
     "check_sincos_embedding": get_1d_sincos_pos_embed,
     "check_timestep_embedding": timestep_embedding,
+    "check_label_dropout": checks.ch02._label_dropout,
     "check_modulate": modulate,
     "check_dit_block": lambda block, x, c: block(x, c),
     "check_reparameterise": lambda mean, logvar, generator: DiagonalGaussian(mean, logvar).sample(generator),

@@ -220,3 +220,58 @@ def test_to_d_and_euler_step_more_wrong_answers():
     fails_with(checks.check_euler_step, divides_by_next, "the slope uses the current level")
     fails_with(checks.check_euler_step, lambda denoiser, x, sigma, sigma_next: denoiser(x, sigma * torch.ones(len(x))),
                "does not jump to the denoised image")
+
+
+# --- chapter 2: the timestep embedding, label dropout -------------------------------------------
+
+
+def label_dropout(null_offset=0, keep_prob=False, use_force=True, also_random=False):
+    """Label dropout written by hand, with optional mistakes."""
+    def my_label_dropout(labels, num_classes, dropout_prob, generator, force_drop_ids=None):
+        if force_drop_ids is None or not use_force or also_random:
+            u = torch.rand(labels.shape[0], generator=generator)
+            drop = u > dropout_prob if keep_prob else u < dropout_prob
+            if force_drop_ids is not None and also_random:
+                drop = drop | (force_drop_ids == 1)
+        else:
+            drop = force_drop_ids == 1
+        return torch.where(drop, torch.full_like(labels, num_classes + null_offset), labels)
+    return my_label_dropout
+
+
+def test_label_dropout_by_hand_passes_and_its_mistakes_get_their_hints():
+    checks.check_label_dropout(label_dropout(), hidden=True)
+    fails_with(checks.check_label_dropout, label_dropout(null_offset=-1), "index num_classes (one past")
+    fails_with(checks.check_label_dropout, label_dropout(keep_prob=True), "not kept")
+    fails_with(checks.check_label_dropout, label_dropout(also_random=True), "it decides alone")
+
+
+def test_label_dropout_ignoring_the_forced_ids_loses_only_that_part():
+    wrong = label_dropout(use_force=False)
+    fails_with(checks.check_label_dropout, wrong, "drop exactly where it is 1", "✓ random dropout")
+    assert parts_passed(checks.check_label_dropout, wrong) == {
+        "random dropout": True, "forced dropout (sampling with guidance)": False, "hidden inputs": False}
+
+
+def test_label_dropout_that_ignores_the_generator_is_told_to_use_it():
+    def global_rng(labels, num_classes, dropout_prob, generator, force_drop_ids=None):
+        drop = torch.rand(labels.shape[0]) < dropout_prob if force_drop_ids is None else force_drop_ids == 1
+        return torch.where(drop, torch.full_like(labels, num_classes), labels)
+
+    fails_with(checks.check_label_dropout, global_rng, "torch.rand(len(labels), generator=generator)")
+
+
+def test_timestep_embedding_hidden_inputs_and_one_more_wrong_answer():
+    def sin_first(t, dim, max_period=10000):
+        half = dim // 2
+        args = t[:, None].float() * max_period ** (-torch.arange(half) / half)[None]
+        return torch.cat([args.sin(), args.cos(), torch.zeros(len(t), dim % 2)], dim=-1)
+
+    fails_with(checks.check_timestep_embedding, sin_first, "the cosines come first")
+
+    def ignores_max_period(t, dim, max_period=10000):
+        from minilib.timestep import timestep_embedding
+        return timestep_embedding(t, dim)
+
+    fails_with(checks.check_timestep_embedding, ignores_max_period, "use the max_period argument")
+    assert not checks.grade(checks.check_timestep_embedding, ignores_max_period).parts[-1].passed  # hidden too

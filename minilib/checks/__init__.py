@@ -30,7 +30,7 @@ with :func:`~minilib.checks.runner.run_check` and export it here.
 """
 
 from .ch01 import check_patchify, check_sincos_embedding
-from .ch02 import check_timestep_embedding
+from .ch02 import check_label_dropout, check_timestep_embedding
 from .ch03 import check_dit_block, check_modulate
 from .ch04 import check_kl, check_reparameterise
 from .ch05 import check_ddim_step, check_guided_eps, check_q_sample
@@ -50,7 +50,7 @@ from .runner import ExerciseError, Part, Report, grade
 
 __all__ = [
     "ExerciseError",
-    "check_patchify", "check_sincos_embedding", "check_timestep_embedding", "check_modulate", "check_dit_block",
+    "check_patchify", "check_sincos_embedding", "check_timestep_embedding", "check_label_dropout", "check_modulate", "check_dit_block",
     "check_reparameterise", "check_kl", "check_q_sample", "check_ddim_step", "check_guided_eps", "check_velocity_from_eps", "check_ddim_eta_step", "check_to_d",
     "check_euler_step", "check_gaussian_velocity", "check_sampling_schedule", "check_block_mixing", "check_leave_one_out", "check_nearest_code",
     "check_block_causal_mask", "check_mask_schedule", "check_ddpm_step", "check_compare_state_dicts",
