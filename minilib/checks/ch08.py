@@ -116,7 +116,8 @@ def check_lsa_attention(fn: Callable) -> None:
                  points=1),
              Part("hidden inputs", [
                  Case("q, k, v (2, 2, 9, 8), temperature 1.5", (*qkv((2, 2, 9, 8), 450), torch.tensor(1.5))),
-                 Case("L = 3, large logits (temperature 3.0)", (*qkv((4, 1, 3, 2), 460), torch.tensor(3.0)))],
+                 Case("L = 3, large logits (queries x 4, temperature 3.0): a softmax must not overflow",
+                      (*(t * s for t, s in zip(qkv((4, 1, 3, 2), 460), (4, 1, 1))), torch.tensor(3.0)))],
                  points=1, hidden=True)]
     _run(fn, cases, _lsa_reference, "minilib.fewshot.LocalitySelfAttention's attention", rtol=1e-4, atol=1e-5,
          mistakes=[Mistake(no_mask, "mask the diagonal: set the logits of (i, i) to -inf before the softmax, so no "
