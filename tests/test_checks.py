@@ -55,6 +55,7 @@ RIGHT = {
     "check_dit_block": lambda block, x, c: block(x, c),
     "check_reparameterise": lambda mean, logvar, generator: DiagonalGaussian(mean, logvar).sample(generator),
     "check_kl": lambda mean, logvar: DiagonalGaussian(mean, logvar).kl(),
+    "check_vae_loss": checks.ch04._vae_loss,
     "check_q_sample": lambda process, x0, t, noise: process.q_sample(x0, t, noise),
     "check_ddim_step": lambda process, x_t, t, x0: process._ddim_step(x_t, t, x0, torch.zeros_like(x_t), eta=0.0),
     "check_guided_eps": lambda model, x, t, y, null, s: classifier_free_guidance(model, s)(

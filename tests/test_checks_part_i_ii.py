@@ -275,3 +275,83 @@ def test_timestep_embedding_hidden_inputs_and_one_more_wrong_answer():
 
     fails_with(checks.check_timestep_embedding, ignores_max_period, "use the max_period argument")
     assert not checks.grade(checks.check_timestep_embedding, ignores_max_period).parts[-1].passed  # hidden too
+
+
+# --- chapter 4: the reparameterised sample, the KL term, the VAE loss --------------------------
+
+
+def vae_loss(batch_reduce="mean", pixel_reduce="sum", weighted=True, root=False):
+    """The VAE loss written by hand, with optional mistakes."""
+    def my_vae_loss(recon, x, mean, logvar, kl_weight, reconstruction="l1"):
+        error = (x - recon).abs() if reconstruction == "l1" else (x - recon).pow(2)
+        per_image = error.flatten(1).sum(1) if pixel_reduce == "sum" else error.flatten(1).mean(1)
+        if root and reconstruction == "mse":
+            per_image = per_image.sqrt()
+        logvar = logvar.clamp(-30.0, 20.0)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
+        rec, kl = (per_image.mean(), kl.mean()) if batch_reduce == "mean" else (per_image.sum(), kl.sum())
+        return rec + (kl_weight if weighted else 1.0) * kl, rec, kl
+    return my_vae_loss
+
+
+def test_vae_loss_by_hand_passes_and_its_mistakes_get_their_hints():
+    checks.check_vae_loss(vae_loss(), hidden=True)
+    fails_with(checks.check_vae_loss, vae_loss(batch_reduce="sum"), "average over the batch")
+    fails_with(checks.check_vae_loss, vae_loss(weighted=False), "multiply the KL term by kl_weight")
+
+
+def test_vae_loss_partial_mistakes_lose_only_their_parts():
+    assert parts_passed(checks.check_vae_loss, vae_loss(root=True)) == {
+        "L1 reconstruction": True, "squared error (reconstruction='mse')": False, "the KL weight": True,
+        "hidden inputs": False}
+    fails_with(checks.check_vae_loss, vae_loss(root=True), "with no square root")
+    # a mean over the pixels instead of a sum is caught on the first input
+    fails_with(checks.check_vae_loss, vae_loss(pixel_reduce="mean"), "not .mean()", "input 1 of 5")
+
+
+def test_reparameterise_and_kl_hidden_inputs_catch_a_clamp_on_one_side_only():
+    def clamp_below_only(mean, logvar):
+        logvar = logvar.clamp(min=-30.0)
+        return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
+
+    fails_with(checks.check_kl, clamp_below_only, "input 2 of 4")
+    assert not checks.grade(checks.check_kl, clamp_below_only).parts[-1].passed
+
+    def sample_clamped_below_only(mean, logvar, generator):
+        return mean + (0.5 * logvar.clamp(min=-30.0)).exp() * torch.randn(mean.shape, generator=generator)
+
+    fails_with(checks.check_reparameterise, sample_clamped_below_only, "input 2 of 4")
+
+
+# --- chapter 1: patchify, the 1-D sin-cos embedding ---------------------------------------------
+
+
+def test_patchify_more_wrong_answers():
+    def transposed_image(x, p):  # the image's rows and columns swapped before cutting
+        from minilib.patch_embed import patchify
+        return patchify(x.transpose(2, 3), p)
+
+    fails_with(checks.check_patchify, transposed_image, "wrong answer on input 1 of 5")
+
+    def square_only(x, p):  # assumes H == W
+        B, C, H, _ = x.shape
+        return x.reshape(B, C, H // p, p, H // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, p * p * C)
+
+    fails_with(checks.check_patchify, square_only, "raised RuntimeError on input x (1, 4, 4, 6)", "a wide image")
+
+
+def test_sincos_embedding_hidden_negative_positions_and_interleaving():
+    def interleaved(D, pos):
+        omega = 1.0 / 10000 ** (torch.arange(D // 2, dtype=torch.float64) / (D / 2))
+        angles = pos.reshape(-1).double()[:, None] * omega
+        return torch.stack([angles.sin(), angles.cos()], dim=2).reshape(len(angles), D)
+
+    fails_with(checks.check_sincos_embedding, interleaved, "do not interleave")
+
+    def absolute(D, pos):  # right for every visible input, wrong for negative positions
+        omega = 1.0 / 10000 ** (torch.arange(D // 2, dtype=torch.float64) / (D / 2))
+        angles = pos.reshape(-1).double().abs()[:, None] * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    checks.check_sincos_embedding(absolute)
+    assert parts_passed(checks.check_sincos_embedding, absolute) == {"test inputs": True, "hidden inputs": False}

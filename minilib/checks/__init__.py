@@ -32,7 +32,7 @@ with :func:`~minilib.checks.runner.run_check` and export it here.
 from .ch01 import check_patchify, check_sincos_embedding
 from .ch02 import check_label_dropout, check_timestep_embedding
 from .ch03 import check_dit_block, check_modulate
-from .ch04 import check_kl, check_reparameterise
+from .ch04 import check_kl, check_reparameterise, check_vae_loss
 from .ch05 import check_ddim_step, check_guided_eps, check_q_sample
 from .ch05b import check_ddim_eta_step, check_velocity_from_eps
 from .ch06 import check_euler_step, check_gaussian_velocity, check_sampling_schedule, check_to_d
@@ -51,7 +51,7 @@ from .runner import ExerciseError, Part, Report, grade
 __all__ = [
     "ExerciseError",
     "check_patchify", "check_sincos_embedding", "check_timestep_embedding", "check_label_dropout", "check_modulate", "check_dit_block",
-    "check_reparameterise", "check_kl", "check_q_sample", "check_ddim_step", "check_guided_eps", "check_velocity_from_eps", "check_ddim_eta_step", "check_to_d",
+    "check_reparameterise", "check_kl", "check_vae_loss", "check_q_sample", "check_ddim_step", "check_guided_eps", "check_velocity_from_eps", "check_ddim_eta_step", "check_to_d",
     "check_euler_step", "check_gaussian_velocity", "check_sampling_schedule", "check_block_mixing", "check_leave_one_out", "check_nearest_code",
     "check_block_causal_mask", "check_mask_schedule", "check_ddpm_step", "check_compare_state_dicts",
     "check_meanflow_target", "check_alignment_loss", "check_apply_rope",
