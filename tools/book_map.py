@@ -39,7 +39,7 @@ CHAPTERS = {
     2: (1, 0, 1, "Timestep embedding", "sinusoidal features,\nthe null class"),
     3: (1, 0, 2, "adaLN modulation", "conditioning with\nadaLN-Zero blocks"),
     4: (1, 0, 3, "Latent autoencoders", "a KL autoencoder\nand its latent space"),
-    5: (2, 1, 0, "Diffusion transformer", "DiT with DDPM, DDIM\nand guidance"),
+    5: (2, 1, 0, "Diffusion transformer", "a latent DiT: DDPM,\nDDIM and guidance"),
     6: (2, 1, 1, "Flow matching", "rectified flow,\nEuler and Heun steps"),
     7: (2, 1, 2, "MM-DiT", "SD3's joint attention\nfor text-to-image"),
     8: (2, 1, 3, "Few-shot generation", "VFSDDPM: a set\nencoder steers a DiT"),
