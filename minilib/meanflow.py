@@ -208,13 +208,17 @@ class MeanFlowDenoiser(nn.Module):
         backbone: a model with ``x_embedder``, ``pos_embed``, ``t_embedder``,
             ``y_embedder``, ``blocks`` (adaLN-Zero, called as ``block(tokens, c)``),
             ``final_layer`` and ``patch_size``, predicting as many channels as it reads.
-        time_scale: times in [0, 1] are multiplied by this before the embedding;
-            1000 is the scale of the book's ``TinyDenoiser`` and of DiT's timesteps.
+        time_scale: times in [0, 1] are multiplied by this before the embedding.
+            The default 1 feeds them unscaled, as the official model does. The
+            MeanFlow target differentiates the network in t, and the timestep
+            features' highest frequency is 1, so a scale of 1000 (the book's
+            ``TinyDenoiser``, DiT's timesteps) makes that derivative up to 1000
+            times larger: in chapter 14's digit run it ruined training.
         second_time: ``"t-r"`` (official) or ``"r"``.
     """
 
     @check_arguments(time_scale=POSITIVE)
-    def __init__(self, backbone: nn.Module, time_scale: float = 1000.0, second_time: str = "t-r"):
+    def __init__(self, backbone: nn.Module, time_scale: float = 1.0, second_time: str = "t-r"):
         super().__init__()
         needed = ("x_embedder", "pos_embed", "t_embedder", "y_embedder", "blocks", "final_layer", "patch_size")
         missing = [name for name in needed if not hasattr(backbone, name)]

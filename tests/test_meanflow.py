@@ -178,13 +178,14 @@ def test_samplers_with_a_network_give_the_right_shapes():
 
 def test_the_two_time_wrapper_reuses_the_backbone_and_checks_its_inputs():
     model = small_denoiser(dtype=torch.float32)
+    assert model.time_scale == 1.0  # the official model feeds its times unscaled
     backbone = model.backbone
     z, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 1])
     t = torch.tensor([0.5, 0.25])
     # h = t - r = 0 and a zero h_embedder bias: the backbone with one extra constant in c
     with torch.no_grad():
         before = model(z, t, t, y)
-        c = backbone.t_embedder(t * 1000) + model.h_embedder(torch.zeros(2)) + backbone.y_embedder(y)
+        c = backbone.t_embedder(t) + model.h_embedder(torch.zeros(2)) + backbone.y_embedder(y)  # unscaled
         tokens = backbone.x_embedder(z) + backbone.pos_embed
         for block in backbone.blocks:
             tokens = block(tokens, c)
