@@ -217,18 +217,19 @@ def euler_heun_rows(model, name: str, device: torch.device, batch: int, noise_sh
 
 
 def mmdit_small(device: torch.device, args) -> list[Row]:
-    """Chapter 7's text-to-image MM-DiT at its cpu settings (cell "text_encoder = TextEncoder(...)")."""
+    """Chapter 7's text-to-image MM-DiT at its cpu settings (cell "def build_model"): the latent model, 4x8x8
+    latents in 2x2 patches, told 1000 t (the decoder's cost is not included)."""
     cfg = notebook_config("07", "cpu")
     max_words = 6
     model = TextToImage(TextEncoder(dim=cfg.text_dim, depth=2, num_heads=4, max_length=max_words),
-                        MMDiT(in_channels=3, hidden_size=cfg.hidden, depth=cfg.depth, num_heads=4,
-                              pos_embed_max_size=8, patch_size=2, adm_in_channels=cfg.text_dim,
+                        MMDiT(in_channels=4, hidden_size=cfg.hidden, depth=cfg.depth, num_heads=4,
+                              pos_embed_max_size=4, patch_size=2, adm_in_channels=cfg.text_dim,
                               context_dim=cfg.text_dim, qk_norm="rms", register_length=2))
     captions = [caption(SHAPES[i % len(SHAPES)], COLOURS[i % len(COLOURS)], "centre") for i in range(SMALL_BATCH)]
     tokens = tokenize(captions, length=max_words).to(device)
-    return euler_heun_rows(model, f"ch. 7 MM-DiT ({zoo.count_parameters(model) / 1e6:.2f}M)", device, SMALL_BATCH,
-                           (3, 16, 16), dict(tokens=tokens), dict(tokens=torch.zeros_like(tokens)), 3.0,
-                           shift=1.0, timestep_scale=1.0, full_steps=cfg.sample_steps, run_steps=cfg.sample_steps)
+    return euler_heun_rows(model, f"ch. 7 latent MM-DiT ({zoo.count_parameters(model) / 1e6:.2f}M)", device,
+                           SMALL_BATCH, (4, 8, 8), dict(tokens=tokens), dict(tokens=torch.zeros_like(tokens)), 3.0,
+                           shift=1.0, timestep_scale=1000.0, full_steps=cfg.sample_steps, run_steps=cfg.sample_steps)
 
 
 def sd3_medium(device: torch.device, args) -> list[Row]:

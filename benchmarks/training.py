@@ -147,22 +147,25 @@ def job_ch06(cfg) -> Job:
 
 
 def job_ch07(cfg) -> Job:
-    """Chapter 7, cells "text_encoder = TextEncoder(...)" (MAX_WORDS = 6) and "def text_to_image_loss"."""
+    """Chapter 7, cells "def build_model" (the latent model: MAX_WORDS = 6, 2x2 patches) and "def
+    text_to_image_loss": the MM-DiT on the 4x8x8 latents of chapter 4's autoencoder (32x32 shapes, f = 4, in
+    every budget), told 1000 t. The autoencoder's one-off training and encoding are not part of this step."""
     max_words = 6
     text_encoder = TextEncoder(dim=cfg.text_dim, depth=2, num_heads=4, max_length=max_words)
-    mmdit = MMDiT(in_channels=3, hidden_size=cfg.hidden, depth=cfg.depth, num_heads=4, pos_embed_max_size=8,
+    mmdit = MMDiT(in_channels=4, hidden_size=cfg.hidden, depth=cfg.depth, num_heads=4, pos_embed_max_size=4,
                   patch_size=2, adm_in_channels=cfg.text_dim, context_dim=cfg.text_dim, qk_norm="rms",
                   register_length=2)
     captions = [caption(SHAPES[i % len(SHAPES)], COLOURS[i % len(COLOURS)], "centre") for i in range(cfg.batch_size)]
 
     def loss_fn(model, batch, drop_rate=0.1):
-        images, tokens = batch
+        latents, tokens = batch
         dropped = torch.rand(len(tokens), device=tokens.device) < drop_rate
         tokens = tokens.masked_fill(dropped[:, None], 0)
-        return flow_matching_loss(model, images, dict(tokens=tokens), t_sampler=logit_normal)
+        network = lambda x_t, t, tokens: model(x_t, 1000 * t, tokens)  # noqa: E731 (SD3: timestep = 1000 sigma)
+        return flow_matching_loss(network, latents, dict(tokens=tokens), t_sampler=logit_normal)
 
     return Job(TextToImage(text_encoder, mmdit), loss_fn,
-               (random_images(cfg.batch_size, 3, 16), tokenize(captions, length=max_words)), cfg.batch_size,
+               (torch.randn(cfg.batch_size, 4, 8, 8), tokenize(captions, length=max_words)), cfg.batch_size,
                cfg.steps, dict(lr=2e-3, warmup_steps=50, schedule="cosine", ema_decay=0.995))
 
 
@@ -246,7 +249,7 @@ JOBS = {  # chapter: (what, builder)
     "04": ("KL autoencoder (small-kl-vae)", job_ch04),
     "05": ("latent DiT, DDPM loss", job_ch05),
     "06": ("DiT, flow matching (tiny-denoiser)", job_ch06),
-    "07": ("MM-DiT + text encoder", job_ch07),
+    "07": ("latent MM-DiT + text encoder", job_ch07),
     "08": ("VFSDDPM (FiLM)", job_ch08),
     "09": ("multi-scale VQ-VAE (small-var-vqvae)", job_ch09),
     "10": ("VAR (small-var-digits)", job_ch10),
