@@ -14,12 +14,16 @@ the default is ``gpu`` when CUDA is available and ``cpu`` otherwise. The test
 suite and CI set ``MINILIB_BUDGET=ci``.
 
 **Miniature runs.** ``MINILIB_MINIATURE=1`` keeps the chosen budget's settings
-(model sizes, batch sizes, data pipeline) but caps the amount of work, so that
+(model sizes, image sizes, data pipeline) but caps the amount of work, so that
 the ``gpu`` configuration can be executed end to end on a CPU in seconds: every
 setting named ``steps`` or ``*_steps`` (and the step counts in lists and digit
 strings under such names) is capped at :data:`MINIATURE_STEPS`, every
 ``*samples*``/``*per_class``/``*per_prompt``/``*per_set`` count at
-:data:`MINIATURE_SAMPLES`. Training stays in float32: bfloat16 autocast on a
+:data:`MINIATURE_SAMPLES`, and every batch size (``batch_size``, ``*_batch_size``,
+``*_batch``, ``*_per_batch``) at :data:`MINIATURE_BATCH`. No code path depends on
+the batch size, but the cost does: one training step of chapter 5's latent DiT at
+its ``gpu`` batch of 256 takes 6.3 s of CPU time (book/performance.md), and the
+pixel DiT beside it several times more. Training stays in float32: bfloat16 autocast on a
 CPU without bf16 instructions is about 12 times slower (one training step of
 chapter 4's autoencoder on 64 images: 40 s instead of 3.4 s), so the bf16 code
 path is tested by ``tests/test_autocast.py`` instead, on small inputs.
@@ -44,6 +48,7 @@ ENV_VAR = "MINILIB_BUDGET"
 MINIATURE_ENV = "MINILIB_MINIATURE"
 MINIATURE_STEPS = 2
 MINIATURE_SAMPLES = 4
+MINIATURE_BATCH = 16
 
 
 def current_budget() -> str:
@@ -83,13 +88,16 @@ def _cap(value, limit: int):
 
 def miniaturise(settings: dict) -> dict:
     """The settings of a miniature run: step counts capped at :data:`MINIATURE_STEPS`, sample
-    counts at :data:`MINIATURE_SAMPLES`, everything else (sizes, data, rates) unchanged."""
+    counts at :data:`MINIATURE_SAMPLES`, batch sizes at :data:`MINIATURE_BATCH`, everything else
+    (model and image sizes, data, rates) unchanged."""
     capped = {}
     for key, value in settings.items():
         if key == "steps" or key.endswith("_steps") or key.endswith("step_counts") or key.endswith("step_sweep"):
             value = _cap(value, MINIATURE_STEPS)
         elif "samples" in key or key.endswith(("per_class", "per_prompt", "per_set", "per_pair")):
             value = _cap(value, MINIATURE_SAMPLES)
+        elif key == "batch_size" or key.endswith(("_batch_size", "_batch", "_per_batch")):
+            value = _cap(value, MINIATURE_BATCH)
         capped[key] = value
     return capped
 
