@@ -18,7 +18,7 @@ suite and CI set ``MINILIB_BUDGET=ci``.
 the ``gpu`` configuration can be executed end to end on a CPU in seconds: every
 setting named ``steps`` or ``*_steps`` (and the step counts in lists and digit
 strings under such names) is capped at :data:`MINIATURE_STEPS`, every
-``*samples*``/``*per_class``/``*per_prompt``/``*per_set`` count at
+``*samples*``/``*per_class``/``*per_prompt``/``*per_set``/``*_sets`` count at
 :data:`MINIATURE_SAMPLES`, and every batch size (``batch_size``, ``*_batch_size``,
 ``*_batch``, ``*_per_batch``) at :data:`MINIATURE_BATCH`. No code path depends on
 the batch size, but the cost does: one training step of chapter 5's latent DiT at
@@ -48,7 +48,7 @@ ENV_VAR = "MINILIB_BUDGET"
 MINIATURE_ENV = "MINILIB_MINIATURE"
 MINIATURE_STEPS = 2
 MINIATURE_SAMPLES = 4
-MINIATURE_BATCH = 16
+MINIATURE_BATCH = 8
 
 
 def current_budget() -> str:
@@ -94,7 +94,7 @@ def miniaturise(settings: dict) -> dict:
     for key, value in settings.items():
         if key == "steps" or key.endswith("_steps") or key.endswith("step_counts") or key.endswith("step_sweep"):
             value = _cap(value, MINIATURE_STEPS)
-        elif "samples" in key or key.endswith(("per_class", "per_prompt", "per_set", "per_pair")):
+        elif "samples" in key or key.endswith(("per_class", "per_prompt", "per_set", "per_pair", "_sets")):
             value = _cap(value, MINIATURE_SAMPLES)
         elif key == "batch_size" or key.endswith(("_batch_size", "_batch", "_per_batch")):
             value = _cap(value, MINIATURE_BATCH)

@@ -72,13 +72,13 @@ def test_a_miniature_run_caps_work_and_batches_but_keeps_model_and_image_sizes(m
     from minilib.budget import MINIATURE_ENV, choose
     settings = dict(steps=6000, toy_steps=1500, ddpm_steps="250", respacing="ddim25", step_counts=[1, 2, 4, 8],
                     samples_per_class=8, num_samples=2000, hidden=256, batch_size=128, ae_batch_size=64,
-                    toy_batch=512, sets_per_batch=8, lr=1e-4, num_images=6000, image_size=32)
+                    toy_batch=512, sets_per_batch=6, support_sets=10, lr=1e-4, num_images=6000, image_size=32)
     monkeypatch.setenv(MINIATURE_ENV, "1")
     cfg = choose(ci=settings, cpu=settings, gpu=settings, budget="gpu")
     assert cfg.miniature and cfg.budget == "gpu"
     assert (cfg.steps, cfg.toy_steps, cfg.ddpm_steps, cfg.step_counts) == (2, 2, "2", [1, 2])
-    assert (cfg.samples_per_class, cfg.num_samples) == (4, 4)
-    assert (cfg.batch_size, cfg.ae_batch_size, cfg.toy_batch, cfg.sets_per_batch) == (16, 16, 16, 8)
+    assert (cfg.samples_per_class, cfg.num_samples, cfg.support_sets) == (4, 4, 4)
+    assert (cfg.batch_size, cfg.ae_batch_size, cfg.toy_batch, cfg.sets_per_batch) == (8, 8, 8, 6)
     assert (cfg.hidden, cfg.image_size, cfg.lr, cfg.num_images, cfg.respacing) == (256, 32, 1e-4, 6000, "ddim25")
     monkeypatch.setenv(MINIATURE_ENV, "maybe")
     with pytest.raises(ValueError, match="expected 1"):
