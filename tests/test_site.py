@@ -1,19 +1,19 @@
 """The website as readers see it: built, then opened in headless Chromium.
 
 ``python3 tools/make.py test`` runs this file a second time after the main
-test run, with ``MINILIB_SITE_TEST=1``: it builds the book with the ``ci``
-budget into ``_build/test-site`` with ``make.py book`` (notebooks executed two
-at a time into the build's cache, then ``jupyter-book build -W -n``, so any
-warning fails) and runs tools/check_site.py on every page of
-``_toc.yml``. (``make.py book --budget gpu --miniature`` runs the gpu
-configuration of every notebook with capped step counts on stand-in data; it
-is not yet part of this test.) The notebooks run their ``gpu`` configuration (model sizes, batch
-sizes, the real-dataset loaders on tiny stand-in files in the real formats,
-latent caching) with every step count capped at 2, so every code
-path of the ``gpu`` budget is executed on every CI run; the main test run has
-already executed every notebook at the ``ci`` budget under nbval. The screenshots of the landing page and of a chapter are saved in
-``_build/test-site/_build/screenshots/``. In a plain ``pytest`` run the site
-test is skipped (building takes minutes); the checker's own tests always run.
+test run, with ``MINILIB_SITE_TEST=1``: it builds the book into
+``_build/test-site`` with ``make.py book --budget gpu --miniature`` (notebooks
+executed two at a time into the build's cache, then ``jupyter-book build -W -n``,
+so any warning fails) and runs tools/check_site.py on every page of
+``_toc.yml``. The miniature run executes every notebook's ``gpu``
+configuration (model and image sizes, the real-dataset loaders on tiny stand-in
+files in the real formats, latent caching) with step counts capped at 2, sample
+counts at 4 and batch sizes at 8 (minilib/budget.py), so every code path of the
+``gpu`` budget runs on every CI run; the main test run has already executed
+every notebook at the ``ci`` budget under nbval. The screenshots of the landing
+page and of a chapter are saved in ``_build/test-site/_build/screenshots/``. In a
+plain ``pytest`` run the site test is skipped (building takes minutes); the
+checker's own tests always run.
 """
 
 import os
@@ -60,9 +60,9 @@ def test_broken_links_finds_missing_pages_and_anchors(tmp_path):
 
 @pytest.fixture(scope="module")
 def built_site():
-    """Build the book with the ci budget into _build/test-site, as `make.py book` builds it (notebooks whose
-    code changed are executed, two at a time; any Sphinx warning fails)."""
-    build = subprocess.run([sys.executable, ROOT / "tools" / "make.py", "book", "--budget", "ci",
+    """Build the book into _build/test-site as `make.py book` builds it, with the gpu budget in miniature
+    (notebooks whose code changed are executed, two at a time, on stand-in data; any Sphinx warning fails)."""
+    build = subprocess.run([sys.executable, ROOT / "tools" / "make.py", "book", "--budget", "gpu", "--miniature",
                             "--jobs", "2", "--timeout", "900", "--output", TEST_SITE],
                            cwd=ROOT, capture_output=True, text=True)
     assert build.returncode == 0, f"a notebook failed, or the build failed or warned:\n{build.stdout[-6000:]}" \

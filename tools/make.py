@@ -135,7 +135,7 @@ def cmd_test(pytest_args: list[str], site: bool) -> int:
         return code
     ensure_offline_assets(required=True)
     ensure_chromium()
-    step("site test: build the website with MINILIB_BUDGET=ci and open every page in Chromium "
+    step("site test: build the website with the gpu budget in miniature and open every page in Chromium "
          "(tests/test_site.py)")
     env["MINILIB_SITE_TEST"] = "1"
     env.pop("MPLBACKEND")  # the notebooks' figures must use the inline backend
