@@ -30,19 +30,7 @@ from minilib.timestep import timestep_embedding
 from minilib.training import compare_state_dicts
 from minilib.var import block_causal_mask
 
-
-def fails_with(check, fn, *fragments):
-    """Run ``check(fn)``, expect an ExerciseError whose message contains every fragment; return the message."""
-    with pytest.raises(ExerciseError) as info:
-        check(fn)
-    message = str(info.value)
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in the message:\n{message}"
-    return message
-
-
-def not_implemented(*args, **kwargs):
-    raise NotImplementedError()
+from check_helpers import fails_with, not_implemented
 
 
 # (check, a right answer) for every check
@@ -405,7 +393,6 @@ def test_velocity_mistakes_get_their_hints():
         checks.check_velocity_from_eps(lambda x_t, eps, a, b, da, db: da * x_t + db * eps)
     with pytest.raises(ExerciseError, match="scaled by b"):
         checks.check_velocity_from_eps(lambda x_t, eps, a, b, da, db: da * (x_t - eps) / a + db * eps)
-
 
 
 # --- chapters 14 to 16 ------------------------------------------------------

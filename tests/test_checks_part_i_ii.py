@@ -6,27 +6,12 @@ meets at least two wrong answers a student could write, and the checks with
 parts give partial credit part by part.
 """
 
-import pytest
 import torch
 
 from minilib import checks
 from minilib.adaln import modulate
-from minilib.checks import ExerciseError
 
-
-def fails_with(check, fn, *fragments, hidden=False):
-    """Run ``check(fn)``, expect an ExerciseError whose message contains every fragment; return the message."""
-    with pytest.raises(ExerciseError) as info:
-        check(fn, hidden=hidden)
-    message = str(info.value)
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in the message:\n{message}"
-    return message
-
-
-def parts_passed(check, fn):
-    """{part name: passed} of ``grade(check, fn)`` with the hidden inputs."""
-    return {part.name: part.passed for part in checks.grade(check, fn).parts}
+from check_helpers import fails_with, parts_passed
 
 
 # --- chapter 3: the adaLN-Zero block ----------------------------------------------------------

@@ -12,27 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from minilib import checks
-from minilib.checks import ExerciseError
 from minilib.fewshot import LocalitySelfAttention, leave_one_out
 from minilib.mar import mask_schedule
-from minilib.mmdit import attention, block_mixing
+from minilib.mmdit import attention
 from minilib.quantize import VectorQuantizer, nearest_code
 from minilib.training import compare_state_dicts
 from minilib.var import block_causal_mask
 
-
-def fails_with(check, fn, *fragments):
-    """Run ``check(fn)``, expect an ExerciseError whose message contains every fragment; return the message."""
-    with pytest.raises(ExerciseError) as info:
-        check(fn)
-    message = str(info.value)
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in the message:\n{message}"
-    return message
-
-
-def not_implemented(*args, **kwargs):
-    raise NotImplementedError()
+from check_helpers import fails_with, not_implemented
 
 
 NEW = ["check_guided_denoiser", "check_lsa_attention", "check_straight_through", "check_codebook_rescue",

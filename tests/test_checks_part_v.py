@@ -1,21 +1,11 @@
 """Part V's second assignments (chapters 14-16): a hand-written right answer passes, realistic wrong ones get
 the hint written for their mistake."""
 
-import pytest
 import torch
 
 from minilib import checks
-from minilib.checks import ExerciseError
 
-
-def fails_with(check, fn, *fragments):
-    """Run ``check(fn)``, expect an ExerciseError whose message contains every fragment; return the message."""
-    with pytest.raises(ExerciseError) as info:
-        check(fn)
-    message = str(info.value)
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in the message:\n{message}"
-    return message
+from check_helpers import fails_with
 
 
 # chapter 14: the few-step MeanFlow sampler
